@@ -1,0 +1,22 @@
+"""A source-rewriting compiler cache that makes transformers' Gemma-4 models correct, with no runtime wrappers."""
+
+__version__ = "0.1.0"
+
+from rewriter.api import compile, restore  # noqa: E402
+from rewriter.report import (  # noqa: E402
+    CompileReport,
+    RewriterError,
+    RuleDriftError,
+    RuleOutcome,
+    UnsupportedTransformersError,
+)
+
+__all__ = [
+    "CompileReport",
+    "RewriterError",
+    "RuleDriftError",
+    "RuleOutcome",
+    "UnsupportedTransformersError",
+    "compile",
+    "restore",
+]

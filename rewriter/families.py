@@ -1,0 +1,77 @@
+"""The model families rewriter knows, and the transformers each one can patch."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from rewriter.report import UnsupportedTransformersError
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its rules module, the transformers releases it supports, and the files its rules rewrite."""
+
+    name: str
+    rules_module: str
+    supported: str
+    targets: tuple[str, ...]
+
+    def rules(self) -> tuple:
+        """The family's rule classes, in the order they run. Imports LibCST."""
+        return importlib.import_module(self.rules_module).RULES
+
+    def rules_source_files(self) -> tuple[Path, ...]:
+        """The files whose text decides what the rules write: the rules module and the rule interface."""
+        return tuple(Path(importlib.util.find_spec(name).origin) for name in (self.rules_module, "rewriter.rule"))
+
+
+FAMILIES = {
+    "gemma4": Family(
+        name="gemma4",
+        rules_module="rewriter.rules.gemma4",
+        supported=">=5.5,<6",
+        targets=("cache_utils.py", "models/gemma4/modeling_gemma4.py"),
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known families: {', '.join(sorted(FAMILIES))}") from None
+
+
+def module_name(target: str) -> str:
+    """``models/gemma4/modeling_gemma4.py`` -> ``transformers.models.gemma4.modeling_gemma4``."""
+    return "transformers." + target.removesuffix(".py").replace("/", ".")
+
+
+def installed_transformers(family: Family) -> tuple[str, Path]:
+    """The installed transformers version and package folder, checked against what ``family`` supports."""
+    try:
+        version = importlib.metadata.version("transformers")
+        spec = importlib.util.find_spec("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedTransformersError(
+            f"transformers is not installed; {family.name} needs transformers{family.supported}"
+        )
+    if Version(version) not in SpecifierSet(family.supported):
+        raise UnsupportedTransformersError(
+            f"transformers {version} is installed; {family.name} supports transformers{family.supported}"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    missing = [target for target in family.targets if not (package / target).is_file()]
+    if missing:
+        raise UnsupportedTransformersError(
+            f"transformers {version} at {package} has no {', '.join(missing)}: it does not ship {family.name}"
+        )
+    return version, package

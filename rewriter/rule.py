@@ -1,0 +1,66 @@
+"""The interface every rule implements: a LibCST transformer that fixes one bug and says what it saw.
+
+Imported only when source must be rewritten; a cache hit never loads LibCST.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import libcst as cst
+import libcst.matchers as m
+
+from rewriter.report import RuleOutcome
+
+
+class Rule(m.MatcherDecoratableTransformer):
+    """One bug fix. A fresh instance visits one module once.
+
+    Subclasses name the bug (``id``), the file they rewrite (``target``, relative to the transformers package)
+    and the buggy shape they look for (``expected``, quoted in drift messages). While visiting they call
+    ``rewrote()`` for each buggy place they fix, ``found_fixed()`` when they see the shape upstream already
+    fixed, and ``drift(why)`` when a shape is only half recognised. ``check()`` runs after the visit.
+
+    Each rule carries samples that the tests turn into cases: ``BUGGY`` becomes ``PATCHED``; every ``FIXED``
+    snippet is reported ``not_needed``; every ``DRIFTED`` snippet is reported ``drift`` and left unchanged.
+    """
+
+    id: ClassVar[str]
+    target: ClassVar[str]
+    expected: ClassVar[str]
+    BUGGY: ClassVar[str]
+    PATCHED: ClassVar[str]
+    FIXED: ClassVar[tuple[str, ...]]
+    DRIFTED: ClassVar[tuple[str, ...]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites = 0
+        self.has_fixed_shape = False
+        self.problems: list[str] = []
+
+    def rewrote(self) -> None:
+        self.sites += 1
+
+    def found_fixed(self) -> None:
+        self.has_fixed_shape = True
+
+    def drift(self, why: str) -> None:
+        self.problems.append(why)
+
+    def check(self) -> None:
+        """After the visit: record, with ``drift``, the parts of a multi-part fix that were not all found."""
+
+    def apply(self, module: cst.Module) -> tuple[cst.Module, RuleOutcome]:
+        """Rewrite ``module``; on anything but ``applied`` the module comes back unchanged."""
+        updated = module.visit(self)
+        self.check()
+        if self.problems:
+            outcome = RuleOutcome(self.id, "drift", 0, self.target, f"expected {self.expected}; " + "; ".join(self.problems))
+        elif self.sites:
+            return updated, RuleOutcome(self.id, "applied", self.sites, self.target)
+        elif self.has_fixed_shape:
+            outcome = RuleOutcome(self.id, "not_needed", 0, self.target, "the release already has the fixed shape")
+        else:
+            outcome = RuleOutcome(self.id, "drift", 0, self.target, f"expected {self.expected}; found neither it nor the fixed shape")
+        return module, outcome

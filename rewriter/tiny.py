@@ -1,0 +1,71 @@
+"""Tiny random-weight Gemma-4 models that reproduce every bug on a CPU in seconds (see BUGS.md).
+
+Shared by the demo, the tests, the benchmarks and the fixture scripts; the layer pattern alternates sliding and
+full attention, and full layers have a larger head_dim than sliding ones, as in the real checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def text_config(num_kv_shared_layers: int, **overrides):
+    """Six layers, window 8; ``num_kv_shared_layers=0`` shows bug 1, ``2`` shows bug 2."""
+    from transformers import Gemma4TextConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=16,
+        sliding_window=8,
+        num_kv_shared_layers=num_kv_shared_layers,
+        max_position_embeddings=512,
+    )
+    return Gemma4TextConfig(**{**settings, **overrides})
+
+
+def vision_config():
+    """A multimodal config whose vision tower has a 48-wide ``input_proj`` (3 * 4 * 4 pixels per patch)."""
+    from transformers import Gemma4Config
+
+    return Gemma4Config(
+        text_config=text_config(0),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=16,
+            patch_size=4,
+            position_embedding_size=64,
+            pooling_kernel_size=2,
+        ),
+        audio_config=None,
+    )
+
+
+def causal_lm(num_kv_shared_layers: int, seed: int = 0):
+    from transformers import Gemma4ForCausalLM
+
+    torch.manual_seed(seed)
+    return Gemma4ForCausalLM(text_config(num_kv_shared_layers)).eval()
+
+
+def input_ids(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def image_patches(grid: int = 4, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image as the processor hands it over: ``grid * grid`` patches of 48 pixels, and their (x, y) positions."""
+    pixels = torch.rand(1, grid * grid, 48, generator=torch.Generator().manual_seed(seed))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return pixels, torch.stack([xs.flatten(), ys.flatten()], dim=-1).unsqueeze(0)

@@ -1,0 +1,503 @@
+"""Rules that fix Gemma-4 in transformers 5.5.x, in the order they run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from textwrap import dedent
+
+import libcst as cst
+import libcst.matchers as m
+
+from rewriter.rule import Rule
+
+SELF = m.Name("self")
+NONE = m.Name("None")
+
+# ---- kv-shared-slice ------------------------------------------------------------------------------------------------
+
+KV_SHARED_COUNT = m.Name("num_kv_shared_layers") | m.Attribute(attr=m.Name("num_kv_shared_layers"))
+SLICE_BY_NEGATIVE_COUNT = m.Subscript(
+    slice=[
+        m.SubscriptElement(
+            slice=m.Slice(
+                lower=None, upper=m.UnaryOperation(operator=m.Minus(), expression=KV_SHARED_COUNT), step=None
+            )
+        )
+    ]
+)
+SLICE_BY_REMAINING_LENGTH = m.Subscript(
+    slice=[
+        m.SubscriptElement(
+            slice=m.Slice(
+                lower=None,
+                upper=m.BinaryOperation(left=m.Call(func=m.Name("len")), operator=m.Subtract(), right=KV_SHARED_COUNT),
+                step=None,
+            )
+        )
+    ]
+)
+POSITIVE_COUNT = (
+    KV_SHARED_COUNT
+    | m.Comparison(left=KV_SHARED_COUNT, comparisons=[m.ComparisonTarget(m.GreaterThan(), m.Integer("0"))])
+    | m.Comparison(left=KV_SHARED_COUNT, comparisons=[m.ComparisonTarget(m.GreaterThanEqual(), m.Integer("1"))])
+    | m.Comparison(left=m.Integer("0"), comparisons=[m.ComparisonTarget(m.LessThan(), KV_SHARED_COUNT)])
+)
+PLAIN_REFERENCE = m.Name() | m.Attribute(value=m.Name())
+
+
+def ensures_positive_count(test: cst.BaseExpression) -> bool:
+    """Whether an ``if`` test, true, guarantees ``num_kv_shared_layers`` is non-zero."""
+    if isinstance(test, cst.BooleanOperation) and isinstance(test.operator, cst.And):
+        return ensures_positive_count(test.left) or ensures_positive_count(test.right)
+    return m.matches(test, POSITIVE_COUNT)
+
+
+class KVSharedSliceRule(Rule):
+    """``seq[: -n]`` is ``seq[:0] == []`` when ``n == 0``: caches for Gemma-4 31B and 26B-A4B get no layers."""
+
+    id = "kv-shared-slice"
+    target = "cache_utils.py"
+    expected = "`seq[: -config.num_kv_shared_layers]` outside a guard that the count is positive"
+
+    BUGGY = '''
+        def cache_layer_types(config, layer_types):
+            if hasattr(config, "num_kv_shared_layers"):
+                layer_types = layer_types[: -config.num_kv_shared_layers]
+            return layer_types[:-1], layer_types[: -config.num_sliding]
+    '''
+    PATCHED = '''
+        def cache_layer_types(config, layer_types):
+            if hasattr(config, "num_kv_shared_layers"):
+                layer_types = layer_types[: len(layer_types) - config.num_kv_shared_layers]
+            return layer_types[:-1], layer_types[: -config.num_sliding]
+    '''
+    FIXED = (
+        '''
+        num_kv_shared_layers = getattr(config, "num_kv_shared_layers", 0)
+        if num_kv_shared_layers > 0:
+            layer_types = layer_types[:-num_kv_shared_layers]
+        ''',
+        '''
+        num_kv_shared_layers = getattr(config, "num_kv_shared_layers", None)
+        if num_kv_shared_layers is not None and num_kv_shared_layers > 0:
+            layer_types = layer_types[: -config.num_kv_shared_layers]
+        ''',
+    )
+    DRIFTED = (
+        '''
+        if hasattr(config, "num_kv_shared_layers"):
+            del layer_types[-config.num_kv_shared_layers :]
+        ''',
+        '''
+        if hasattr(config, "num_kv_shared_layers"):
+            layer_types = get_types(config)[: -config.num_kv_shared_layers]
+        ''',
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guards: list[bool] = []
+
+    def visit_If_body(self, node: cst.If) -> None:
+        self.guards.append(ensures_positive_count(node.test))
+
+    def leave_If_body(self, node: cst.If) -> None:
+        self.guards.pop()
+
+    @m.leave(SLICE_BY_REMAINING_LENGTH)
+    def note_remaining_length(self, original_node: cst.Subscript, updated_node: cst.Subscript) -> cst.Subscript:
+        self.found_fixed()
+        return updated_node
+
+    @m.leave(SLICE_BY_NEGATIVE_COUNT)
+    def slice_by_remaining_length(self, original_node: cst.Subscript, updated_node: cst.Subscript) -> cst.Subscript:
+        if any(self.guards):
+            self.found_fixed()
+            return updated_node
+        if not m.matches(updated_node.value, PLAIN_REFERENCE):
+            self.drift(f"the sliced sequence `{cst.Module([]).code_for_node(updated_node.value)}` is not a plain name")
+            return updated_node
+        element = updated_node.slice[0]
+        count = element.slice.upper.expression
+        remaining = cst.BinaryOperation(
+            left=cst.Call(func=cst.Name("len"), args=[cst.Arg(updated_node.value)]), operator=cst.Subtract(), right=count
+        )
+        self.rewrote()
+        return updated_node.with_changes(slice=[element.with_changes(slice=element.slice.with_changes(upper=remaining))])
+
+
+# ---- kv-sharing-without-cache ---------------------------------------------------------------------------------------
+
+PAST_KEY_VALUES = m.Name("past_key_values")
+CACHE_GIVEN = m.Comparison(left=PAST_KEY_VALUES, comparisons=[m.ComparisonTarget(m.IsNot(), NONE)])
+IS_KV_SHARED_LAYER = m.Attribute(value=SELF, attr=m.Name("is_kv_shared_layer"))
+SHARED_LAYERS_ENTRY = m.Subscript(value=m.Attribute(value=PAST_KEY_VALUES, attr=m.Name("shared_layers")))
+READ_SHARED_IF_CACHED = m.If(test=m.BooleanOperation(left=IS_KV_SHARED_LAYER, operator=m.And(), right=CACHE_GIVEN))
+STORE_SHARED_IN_CACHE = m.If(
+    test=CACHE_GIVEN,
+    body=m.IndentedBlock(
+        body=[
+            m.If(
+                test=m.UnaryOperation(operator=m.Not(), expression=IS_KV_SHARED_LAYER),
+                body=m.IndentedBlock(
+                    body=[
+                        m.SimpleStatementLine(
+                            body=[m.Assign(value=m.Call(func=m.Attribute(value=PAST_KEY_VALUES, attr=m.Name("update"))))]
+                        )
+                    ]
+                ),
+                orelse=None,
+            ),
+            m.If(
+                test=m.Attribute(value=SELF, attr=m.Name("store_full_length_kv")),
+                body=m.IndentedBlock(
+                    body=[
+                        m.ZeroOrMore(),
+                        m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(target=SHARED_LAYERS_ENTRY)])]),
+                    ]
+                ),
+                orelse=None,
+            ),
+        ]
+    ),
+    orelse=None,
+)
+DECODER_LAYER_CALL = m.Call(func=m.Name("decoder_layer"))
+DECODER_LAYER_LOOP = m.For(target=m.Tuple(elements=[m.Element(), m.Element(m.Name("decoder_layer"))]))
+PASSES_SHARED_KV_STATES = m.Call(
+    args=[m.ZeroOrMore(), m.Arg(value=m.Name("shared_kv_states")) | m.Arg(keyword=m.Name("shared_kv_states")), m.ZeroOrMore()]
+)
+IN_ATTENTION = m.ClassDef(name=m.Name("Gemma4TextAttention"))
+IN_TEXT_MODEL = m.ClassDef(name=m.Name("Gemma4TextModel"))
+IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
+
+STORE_SHARED_TEMPLATE = """\
+if past_key_values is not None and not self.is_kv_shared_layer:
+    {update}
+if self.store_full_length_kv:
+    shared_kv_states[self.layer_idx] = key_states, value_states
+"""
+SHARED_KV_STATES_PARAM = "shared_kv_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None"
+ATTENTION_PARTS = {"read guard", "read", "store", "parameter"}
+MODEL_PARTS = {"state", "argument"}
+
+
+class KVSharingWithoutCacheRule(Rule):
+    """KV-shared layers find their K/V on the cache; without one (``use_cache=False``) they recompute it: garbage.
+
+    The fix hands the shared K/V from layer to layer in a dict made by ``Gemma4TextModel.forward`` for each call,
+    as transformers 5.5.2 does, so a cache no longer decides what the shared layers attend to.
+    """
+
+    id = "kv-sharing-without-cache"
+    target = "models/gemma4/modeling_gemma4.py"
+    expected = "Gemma4TextAttention.forward reading `past_key_values.shared_layers[...]` only when a cache is given"
+
+    BUGGY = '''
+        class Gemma4TextAttention(nn.Module):
+            def forward(self, hidden_states, past_key_values: Cache | None = None, **kwargs):
+                if self.is_kv_shared_layer and past_key_values is not None:
+                    key_states, value_states = past_key_values.shared_layers[self.kv_shared_layer_index]
+                else:
+                    key_states, value_states = self.project(hidden_states)
+                if past_key_values is not None:
+                    if not self.is_kv_shared_layer:
+                        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+                    if self.store_full_length_kv:
+                        if not hasattr(past_key_values, "shared_layers"):
+                            past_key_values.shared_layers = {}
+                        past_key_values.shared_layers[self.layer_idx] = key_states, value_states
+                return attend(key_states, value_states)
+
+
+        class Gemma4TextModel(Gemma4PreTrainedModel):
+            def forward(self, hidden_states, past_key_values=None, **kwargs):
+                for i, decoder_layer in enumerate(self.layers):
+                    hidden_states = decoder_layer(
+                        hidden_states,
+                        past_key_values=past_key_values,
+                        **kwargs,
+                    )
+                for i, layer in enumerate(self.other_layers):
+                    hidden_states = layer(hidden_states, **kwargs)
+                return hidden_states
+    '''
+    PATCHED = '''
+        class Gemma4TextAttention(nn.Module):
+            def forward(self, hidden_states, past_key_values: Cache | None = None, shared_kv_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
+                if self.is_kv_shared_layer:
+                    key_states, value_states = shared_kv_states[self.kv_shared_layer_index]
+                else:
+                    key_states, value_states = self.project(hidden_states)
+                if past_key_values is not None and not self.is_kv_shared_layer:
+                    key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+                if self.store_full_length_kv:
+                    shared_kv_states[self.layer_idx] = key_states, value_states
+                return attend(key_states, value_states)
+
+
+        class Gemma4TextModel(Gemma4PreTrainedModel):
+            def forward(self, hidden_states, past_key_values=None, **kwargs):
+                shared_kv_states = {}
+                for i, decoder_layer in enumerate(self.layers):
+                    hidden_states = decoder_layer(
+                        hidden_states,
+                        past_key_values=past_key_values,
+                        shared_kv_states=shared_kv_states,
+                        **kwargs,
+                    )
+                for i, layer in enumerate(self.other_layers):
+                    hidden_states = layer(hidden_states, **kwargs)
+                return hidden_states
+    '''
+    FIXED = (
+        '''
+        class Gemma4TextAttention(nn.Module):
+            def forward(self, hidden_states, shared_kv_states: dict, past_key_values=None, **kwargs):
+                if self.is_kv_shared_layer:
+                    key_states, value_states = shared_kv_states[self.kv_shared_layer_index]
+                return key_states
+
+
+        class Gemma4TextModel(Gemma4PreTrainedModel):
+            def forward(self, hidden_states, **kwargs):
+                shared_kv_states = {}
+                for i, decoder_layer in enumerate(self.layers):
+                    hidden_states = decoder_layer(hidden_states, shared_kv_states, **kwargs)
+        ''',
+    )
+    DRIFTED = (
+        # the attention class was renamed
+        BUGGY.replace("class Gemma4TextAttention(", "class Gemma4Attention("),
+        # the shared K/V is stored some third way
+        BUGGY.replace("past_key_values.shared_layers[self.layer_idx] = ", "past_key_values.share(self.layer_idx, ")
+        .replace("value_states\n                return", "value_states)\n                return"),
+        # the model no longer loops over `decoder_layer`
+        BUGGY.replace("for i, decoder_layer in enumerate(self.layers):", "for i, block in enumerate(self.layers):")
+        .replace("decoder_layer(\n", "block(\n"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: Counter[str] = Counter()
+
+    def visit_Module(self, node: cst.Module) -> None:
+        self.module = node
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        return m.matches(node, IN_ATTENTION | IN_TEXT_MODEL)
+
+    @m.call_if_inside(IN_ATTENTION)
+    @m.leave(READ_SHARED_IF_CACHED)
+    def read_shared_without_cache(self, original_node: cst.If, updated_node: cst.If) -> cst.If:
+        self.parts["read guard"] += 1
+        return updated_node.with_changes(test=updated_node.test.left)
+
+    @m.call_if_inside(READ_SHARED_IF_CACHED)
+    @m.leave(SHARED_LAYERS_ENTRY)
+    def read_from_shared_kv_states(self, original_node: cst.Subscript, updated_node: cst.Subscript) -> cst.Subscript:
+        self.parts["read"] += 1
+        return updated_node.with_changes(value=cst.Name("shared_kv_states"))
+
+    @m.call_if_inside(IN_ATTENTION)
+    @m.leave(STORE_SHARED_IN_CACHE)
+    def store_in_shared_kv_states(self, original_node: cst.If, updated_node: cst.If):  # a FlattenSentinel (LibCST cannot check that annotation)
+        self.parts["store"] += 1
+        update = self.module.code_for_node(updated_node.body.body[0].body.body[0]).strip()
+        code = STORE_SHARED_TEMPLATE.format(update=update)
+        statements = cst.parse_module(code, config=self.module.config_for_parsing).body
+        first = statements[0].with_changes(leading_lines=updated_node.leading_lines)
+        return cst.FlattenSentinel([first, *statements[1:]])
+
+    @m.call_if_inside(IN_ATTENTION)
+    @m.leave(IN_FORWARD)
+    def take_shared_kv_states(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        if any(param.name.value == "shared_kv_states" for param in updated_node.params.params):
+            self.found_fixed()
+            return updated_node
+        if not self.parts.keys() & ATTENTION_PARTS:
+            return updated_node
+        self.parts["parameter"] += 1
+        params = updated_node.params.params
+        new = cst.parse_statement(f"def f({SHARED_KV_STATES_PARAM}): pass").params.params[0]
+        new = new.with_changes(comma=params[-1].comma if updated_node.params.star_kwarg else cst.MaybeSentinel.DEFAULT)
+        if self.parts.keys() >= ATTENTION_PARTS:
+            self.rewrote()
+        return updated_node.with_deep_changes(updated_node.params, params=[*params, new])
+
+    @m.call_if_inside(IN_TEXT_MODEL)
+    @m.leave(DECODER_LAYER_CALL)
+    def pass_shared_kv_states(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
+        if m.matches(updated_node, PASSES_SHARED_KV_STATES):
+            self.found_fixed()
+            return updated_node
+        self.parts["argument"] += 1
+        args = list(updated_node.args)
+        at = next((i for i, arg in enumerate(args) if arg.star), len(args))
+        argument = cst.Arg(
+            value=cst.Name("shared_kv_states"),
+            keyword=cst.Name("shared_kv_states"),
+            equal=cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace("")),
+            comma=args[at - 1].comma,
+        )
+        return updated_node.with_changes(args=[*args[:at], argument, *args[at:]])
+
+    @m.call_if_inside(IN_TEXT_MODEL)
+    @m.leave(DECODER_LAYER_LOOP)
+    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For):  # a FlattenSentinel (LibCST cannot check that annotation)
+        if not self.parts["argument"]:
+            return updated_node
+        self.parts["state"] += 1
+        self.rewrote()
+        state = cst.parse_statement("shared_kv_states = {}\n", config=self.module.config_for_parsing)
+        state = state.with_changes(leading_lines=updated_node.leading_lines)
+        return cst.FlattenSentinel([state, updated_node.with_changes(leading_lines=())])
+
+    def check(self) -> None:
+        missing = sorted((ATTENTION_PARTS | MODEL_PARTS) - set(self.parts)) if self.parts else []
+        repeated = sorted(part for part, count in self.parts.items() if count > 1)
+        if missing:
+            self.drift(f"only part of the shape was found; missing: {', '.join(missing)}")
+        if repeated:
+            self.drift(f"found more than once: {', '.join(repeated)}")
+
+
+# ---- input-proj-dequant ---------------------------------------------------------------------------------------------
+
+DEQUANTIZING_LINEAR = "Gemma4DequantizingLinear"
+IN_PATCH_EMBEDDER = m.ClassDef(name=m.Name("Gemma4VisionPatchEmbedder"))
+INPUT_PROJ = m.Attribute(value=SELF, attr=m.Name("input_proj"))
+BARE_LINEAR_INPUT_PROJ = m.Assign(
+    targets=[m.AssignTarget(INPUT_PROJ)], value=m.Call(func=m.Attribute(value=m.Name("nn"), attr=m.Name("Linear")))
+)
+DEQUANTIZING_INPUT_PROJ = m.Assign(targets=[m.AssignTarget(INPUT_PROJ)], value=m.Call(func=m.Name(DEQUANTIZING_LINEAR)))
+INPUT_PROJ_OF_CAST_TO_WEIGHT_DTYPE = m.Call(
+    func=INPUT_PROJ,
+    args=[
+        m.Arg(
+            value=m.Call(
+                func=m.Attribute(attr=m.Name("to")),
+                args=[m.Arg(m.Attribute(value=m.Attribute(value=INPUT_PROJ, attr=m.Name("weight")), attr=m.Name("dtype")))],
+            )
+        )
+    ],
+)
+
+DEQUANTIZING_LINEAR_CLASS = dedent(
+    '''
+    class Gemma4DequantizingLinear(nn.Linear):
+        """`nn.Linear` that also runs a bitsandbytes 4-bit packed weight, dequantizing it before the matmul.
+
+        A pre-quantized checkpoint can leave a bare linear holding a packed `Params4bit` weight. The weight stays at
+        `.weight`, so state-dict keys do not change. Clipping works as in `Gemma4ClippableLinear`, when asked for.
+        Added by rewriter's rule `input-proj-dequant`.
+        """
+
+        def __init__(self, in_features, out_features, bias=True, use_clipped_linears=False, device=None, dtype=None):
+            super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+            self.use_clipped_linears = use_clipped_linears
+            if use_clipped_linears:
+                self.register_buffer("input_min", torch.tensor(-float("inf")))
+                self.register_buffer("input_max", torch.tensor(float("inf")))
+                self.register_buffer("output_min", torch.tensor(-float("inf")))
+                self.register_buffer("output_max", torch.tensor(float("inf")))
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            weight = self.weight
+            if getattr(weight, "quant_state", None) is not None:
+                from bitsandbytes.functional import dequantize_4bit
+
+                weight = dequantize_4bit(weight, weight.quant_state)
+            if self.use_clipped_linears:
+                hidden_states = torch.clamp(hidden_states, self.input_min, self.input_max)
+            hidden_states = F.linear(hidden_states.to(weight.dtype), weight, self.bias)
+            if self.use_clipped_linears:
+                hidden_states = torch.clamp(hidden_states, self.output_min, self.output_max)
+            return hidden_states
+    '''
+)
+
+
+class InputProjDequantRule(Rule):
+    """``Gemma4VisionPatchEmbedder.input_proj`` is a bare ``nn.Linear``: a packed 4-bit weight crashes its matmul."""
+
+    id = "input-proj-dequant"
+    target = "models/gemma4/modeling_gemma4.py"
+    expected = "`self.input_proj = nn.Linear(...)` in Gemma4VisionPatchEmbedder.__init__"
+
+    BUGGY = '''
+        class Gemma4VisionPatchEmbedder(nn.Module):
+            def __init__(self, config):
+                super().__init__()
+                self.input_proj = nn.Linear(3 * self.patch_size**2, self.hidden_size, bias=False)
+                self.other_proj = nn.Linear(3, 3)
+
+            def forward(self, pixel_values):
+                return self.input_proj(pixel_values.to(self.input_proj.weight.dtype))
+    '''
+    PATCHED = (
+        DEQUANTIZING_LINEAR_CLASS
+        + '''
+
+        class Gemma4VisionPatchEmbedder(nn.Module):
+            def __init__(self, config):
+                super().__init__()
+                self.input_proj = Gemma4DequantizingLinear(3 * self.patch_size**2, self.hidden_size, bias=False)
+                self.other_proj = nn.Linear(3, 3)
+
+            def forward(self, pixel_values):
+                return self.input_proj(pixel_values)
+    '''.replace("\n        ", "\n")
+    )
+    FIXED = (PATCHED,)
+    DRIFTED = (
+        BUGGY.replace("class Gemma4VisionPatchEmbedder(", "class Gemma4PatchEmbedder("),
+        BUGGY.replace("self.input_proj = nn.Linear(", "self.input_proj = Gemma4ClippableLinear(config, "),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: Counter[str] = Counter()
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        return m.matches(node, IN_PATCH_EMBEDDER)
+
+    @m.call_if_inside(IN_PATCH_EMBEDDER)
+    @m.leave(DEQUANTIZING_INPUT_PROJ)
+    def note_dequantizing(self, original_node: cst.Assign, updated_node: cst.Assign) -> cst.Assign:
+        self.found_fixed()
+        return updated_node
+
+    @m.call_if_inside(IN_PATCH_EMBEDDER)
+    @m.leave(BARE_LINEAR_INPUT_PROJ)
+    def dequantizing_input_proj(self, original_node: cst.Assign, updated_node: cst.Assign) -> cst.Assign:
+        self.parts["constructor"] += 1
+        self.rewrote()
+        return updated_node.with_deep_changes(updated_node.value, func=cst.Name(DEQUANTIZING_LINEAR))
+
+    @m.call_if_inside(IN_PATCH_EMBEDDER)
+    @m.leave(INPUT_PROJ_OF_CAST_TO_WEIGHT_DTYPE)
+    def keep_input_dtype(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
+        """A packed weight's dtype is uint8: let the linear cast the input to the dequantized weight's dtype."""
+        self.parts["input cast"] += 1
+        self.rewrote()
+        cast = updated_node.args[0].value
+        return updated_node.with_changes(args=[updated_node.args[0].with_changes(value=cast.func.value)])
+
+    @m.leave(IN_PATCH_EMBEDDER)
+    def define_dequantizing_linear(
+        self, original_node: cst.ClassDef, updated_node: cst.ClassDef
+    ):  # a ClassDef or a FlattenSentinel (LibCST cannot check that annotation)
+        if not self.parts["constructor"]:
+            return updated_node
+        definition = cst.parse_statement(DEQUANTIZING_LINEAR_CLASS.lstrip()).with_changes(
+            leading_lines=updated_node.leading_lines
+        )
+        return cst.FlattenSentinel([definition, updated_node.with_changes(leading_lines=[cst.EmptyLine()] * 2)])
+
+    def check(self) -> None:
+        if self.parts and self.parts["constructor"] != 1:
+            self.drift("Gemma4VisionPatchEmbedder must build `input_proj` exactly once with `nn.Linear(...)`")
+
+
+RULES: tuple[type[Rule], ...] = (KVSharedSliceRule, KVSharingWithoutCacheRule, InputProjDequantRule)

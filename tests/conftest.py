@@ -1,0 +1,45 @@
+"""Shared fixtures: every test starts and ends with the original transformers code installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rewriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def unpatched():
+    """Tests run against the real installed transformers; whatever a test patches is restored after it."""
+    rewriter.restore("gemma4")
+    yield
+    rewriter.restore("gemma4")
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def patched(cache_dir) -> rewriter.CompileReport:
+    return rewriter.compile("gemma4", cache_dir=cache_dir, strict=True)
+
+
+def run_python(code: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run Python in a fresh process (the real import order a user has), failing the test on a non-zero exit."""
+    result = subprocess.run(
+        [sys.executable, *(["-c", code] if code else []), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
+    return result

@@ -1,0 +1,53 @@
+"""The command line, run as a user runs it: ``python -m rewriter ...`` in a fresh process."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_python
+
+
+def rewriter_cli(*args: str, cache_dir) -> tuple[int, str, str]:
+    result = run_python("", "-m", "rewriter", *args, env={"REWRITER_CACHE_DIR": str(cache_dir), "COLUMNS": "400"})
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_compile_json(cache_dir):
+    code, out, err = rewriter_cli("compile", "gemma4", "--json", cache_dir=cache_dir)
+    assert code == 0, err
+    report = json.loads(out)
+    assert [(o["rule"], o["status"], o["sites"]) for o in report["outcomes"]] == [
+        ("kv-shared-slice", "applied", 2),
+        ("kv-sharing-without-cache", "applied", 2),
+        ("input-proj-dequant", "applied", 2),
+    ]
+    assert report["cache_path"].startswith(str(cache_dir))
+
+
+def test_compile_table(cache_dir):
+    code, out, err = rewriter_cli("compile", "gemma4", cache_dir=cache_dir)
+    assert code == 0, err
+    for rule in ("kv-shared-slice", "kv-sharing-without-cache", "input-proj-dequant"):
+        assert rule in out
+
+
+def test_diff_shows_each_rule_change(cache_dir):
+    code, out, err = rewriter_cli("diff", "gemma4", cache_dir=cache_dir)
+    assert code == 0, err
+    assert "+++ b/transformers/cache_utils.py" in out
+    assert "+                layer_types = layer_types[: len(layer_types) - decoder_config.num_kv_shared_layers]" in out
+    assert "+        shared_kv_states = {}" in out
+    assert "+        self.input_proj = Gemma4DequantizingLinear(" in out
+
+
+def test_unknown_family_is_a_clear_error(cache_dir):
+    code, out, _ = rewriter_cli("compile", "nope", cache_dir=cache_dir)
+    assert code == 2
+    assert "unknown model family 'nope'; known families: gemma4" in out
+
+
+def test_demo_shows_every_bug_then_fixes_it(cache_dir):
+    code, out, err = rewriter_cli("demo", cache_dir=cache_dir)
+    assert code == 0, out + err
+    assert "IndexError" in out and "mat1 and mat2 shapes cannot be multiplied" in out
+    assert out.count("│ fixed │") == 4 and "NOT FIXED" not in out

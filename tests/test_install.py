@@ -1,0 +1,150 @@
+"""Installing patched code keeps every object the user holds, is idempotent, reversible, and debuggable."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import shutil
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers.models.gemma4 import modeling_gemma4
+
+import rewriter
+from rewriter import api, tiny
+from tests.conftest import run_python
+
+Attention = modeling_gemma4.Gemma4TextAttention
+
+
+def patched_functions():
+    return {
+        "attention": Attention.forward,
+        "model": inspect.unwrap(modeling_gemma4.Gemma4TextModel.forward),
+        "cache": transformers.DynamicCache.__init__,
+    }
+
+
+def test_classes_and_functions_keep_their_identity(cache_dir):
+    classes = (transformers.DynamicCache, transformers.Gemma4ForCausalLM, Attention)
+    functions = patched_functions()
+    model = tiny.causal_lm(2)
+    rewriter.compile("gemma4", cache_dir=cache_dir)
+    assert (transformers.DynamicCache, transformers.Gemma4ForCausalLM, modeling_gemma4.Gemma4TextAttention) == classes
+    assert patched_functions() == functions
+    assert isinstance(model, transformers.Gemma4ForCausalLM)
+    assert isinstance(transformers.DynamicCache(config=tiny.text_config(0)), transformers.DynamicCache)
+    assert "shared_kv_states" in inspect.signature(model.model.layers[0].self_attn.forward).parameters
+
+
+def test_source_and_tracebacks_point_into_the_patched_file(patched):
+    entry = Path(patched.cache_path)
+    source_file = Path(inspect.getsourcefile(Attention.forward))
+    assert source_file == entry / "transformers" / "models" / "gemma4" / "modeling_gemma4.py"
+    assert "shared_kv_states[self.kv_shared_layer_index]" in inspect.getsource(Attention.forward)
+    model = tiny.causal_lm(2)
+    shared = model.model.layers[5].self_attn
+    hidden = torch.zeros(1, 3, 64)
+    with pytest.raises(TypeError) as error:
+        shared(hidden, position_embeddings=(torch.ones(1, 3, 32), torch.zeros(1, 3, 32)), attention_mask=None)
+    frame = traceback.extract_tb(error.value.__traceback__)[-1]
+    assert Path(frame.filename) == source_file
+    assert frame.line == "key_states, value_states = shared_kv_states[self.kv_shared_layer_index]"
+    assert source_file.read_text().splitlines()[frame.lineno - 1].strip() == frame.line
+
+
+def test_compiling_twice_changes_nothing(cache_dir):
+    first = rewriter.compile("gemma4", cache_dir=cache_dir)
+    codes = {name: function.__code__ for name, function in patched_functions().items()}
+    assert rewriter.compile("gemma4", cache_dir=cache_dir) is first
+    assert {name: function.__code__ for name, function in patched_functions().items()} == codes
+
+
+def test_restore_puts_the_original_code_back(cache_dir):
+    originals = {name: function.__code__ for name, function in patched_functions().items()}
+    rewriter.compile("gemma4", cache_dir=cache_dir)
+    assert hasattr(modeling_gemma4, "Gemma4DequantizingLinear")
+    assert rewriter.restore("gemma4") is True
+    assert {name: function.__code__ for name, function in patched_functions().items()} == originals
+    assert not hasattr(modeling_gemma4, "Gemma4DequantizingLinear")
+    assert transformers.DynamicCache(config=tiny.text_config(0)).layers == []
+    assert rewriter.restore("gemma4") is False
+
+
+def test_second_process_uses_the_cache_entry(cache_dir):
+    first = rewriter.compile("gemma4", cache_dir=cache_dir)
+    assert first.source == "compiled"
+    code = f"import rewriter; print(rewriter.compile('gemma4', cache_dir={str(cache_dir)!r}).source)"
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["user_cache"]
+
+
+def test_compile_before_importing_transformers(cache_dir):
+    code = f"""
+import sys, inspect, rewriter
+assert "transformers.models.gemma4.modeling_gemma4" not in sys.modules
+rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
+from transformers import Gemma4ForCausalLM, StaticCache
+from rewriter import tiny
+assert len(StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+print(inspect.getsourcefile(Gemma4ForCausalLM.__mro__[0].forward))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unwritable_cache_compiles_in_memory_and_warns_once(tmp_path, caplog):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = rewriter.compile("gemma4", cache_dir=not_a_folder)
+        rewriter.restore("gemma4")
+        rewriter.compile("gemma4", cache_dir=not_a_folder)
+    assert report.source == "memory" and report.cache_path is None
+    assert len(caplog.records) == 1 and "is not writable" in caplog.records[0].message
+    assert "shared_kv_states" in inspect.getsource(Attention.forward)
+    assert transformers.DynamicCache(config=tiny.text_config(0)).layers != []
+
+
+def test_unknown_family_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model family 'nope'; known families: gemma4"):
+        rewriter.compile("nope")
+
+
+def mutated_transformers(tmp_path, monkeypatch, target: str, old: str, new: str) -> None:
+    """Point the rules at a copy of the installed sources in which ``old`` became ``new`` in ``target``."""
+    version, package = api.installed_transformers(api.get_family("gemma4"))
+    for name in api.get_family("gemma4").targets:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(package / name, tmp_path / name)
+    text = (tmp_path / target).read_text()
+    assert old in text
+    (tmp_path / target).write_text(text.replace(old, new))
+    monkeypatch.setattr(api, "installed_transformers", lambda family: (version, tmp_path))
+
+
+RENAMED_EMBEDDER = ("models/gemma4/modeling_gemma4.py", "class Gemma4VisionPatchEmbedder(", "class Gemma4PatchEmbed(")
+
+
+def test_drift_warns_and_leaves_only_that_rule_out(tmp_path, monkeypatch, cache_dir, caplog):
+    mutated_transformers(tmp_path / "src", monkeypatch, *RENAMED_EMBEDDER)
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = rewriter.compile("gemma4", cache_dir=cache_dir)
+    assert [outcome.status for outcome in report.outcomes] == ["applied", "applied", "drift"]
+    assert "rule 'input-proj-dequant' drifted in models/gemma4/modeling_gemma4.py" in caplog.text
+    assert "expected `self.input_proj = nn.Linear(...)`" in caplog.text
+    assert not hasattr(modeling_gemma4, "Gemma4DequantizingLinear")
+    assert "shared_kv_states" in inspect.signature(Attention.forward).parameters
+
+
+def test_strict_drift_raises_before_anything_is_installed(tmp_path, monkeypatch, cache_dir):
+    originals = {name: function.__code__ for name, function in patched_functions().items()}
+    mutated_transformers(tmp_path / "src", monkeypatch, *RENAMED_EMBEDDER)
+    with pytest.raises(rewriter.RuleDriftError, match="input-proj-dequant") as error:
+        rewriter.compile("gemma4", cache_dir=cache_dir, strict=True)
+    assert [outcome.rule for outcome in error.value.outcomes] == ["input-proj-dequant"]
+    assert {name: function.__code__ for name, function in patched_functions().items()} == originals

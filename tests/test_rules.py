@@ -1,0 +1,102 @@
+"""Each rule on its own samples (buggy, fixed, drifted shapes) and on the real transformers files."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from importlib.metadata import version
+from pathlib import Path
+from textwrap import dedent
+
+import libcst as cst
+import pytest
+
+from rewriter.engine import rewrite
+from rewriter.families import get_family, installed_transformers
+from rewriter.rules.gemma4 import RULES
+
+GOLDEN = Path(__file__).with_name("golden")
+FAMILY = get_family("gemma4")
+
+
+def apply(rule, code: str):
+    return rule().apply(cst.parse_module(dedent(code)))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.id)
+def test_buggy_shape_is_rewritten_and_the_rest_left_alone(rule):
+    module, outcome = apply(rule, rule.BUGGY)
+    assert outcome.status == "applied" and outcome.sites >= 1
+    assert module.code == dedent(rule.PATCHED)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.id)
+def test_second_pass_over_patched_text_changes_nothing(rule):
+    once, _ = apply(rule, rule.BUGGY)
+    twice, outcome = rule().apply(once)
+    assert outcome.status == "not_needed"
+    assert twice.code == once.code
+
+
+@pytest.mark.parametrize(
+    "rule, code", [(rule, code) for rule in RULES for code in rule.FIXED], ids=lambda value: getattr(value, "id", "")
+)
+def test_fixed_shape_is_not_needed(rule, code):
+    module, outcome = apply(rule, code)
+    assert outcome.status == "not_needed"
+    assert module.code == dedent(code)
+
+
+@pytest.mark.parametrize(
+    "rule, code", [(rule, code) for rule in RULES for code in rule.DRIFTED], ids=lambda value: getattr(value, "id", "")
+)
+def test_drifted_shape_is_reported_and_left_unchanged(rule, code):
+    module, outcome = apply(rule, code)
+    assert outcome.status == "drift"
+    assert outcome.sites == 0
+    assert rule.expected in outcome.detail and outcome.file == rule.target
+    assert module.code == dedent(code)
+
+
+def test_slice_in_the_else_branch_of_a_guard_is_still_buggy():
+    code = """
+        if config.num_kv_shared_layers > 0:
+            pass
+        else:
+            layer_types = layer_types[: -config.num_kv_shared_layers]
+    """
+    module, outcome = apply(RULES[0], code)
+    assert outcome.status == "applied"
+    assert "layer_types[: len(layer_types) - config.num_kv_shared_layers]" in module.code
+
+
+def test_guard_joined_by_or_does_not_count():
+    code = """
+        if config.num_kv_shared_layers > 0 or force:
+            layer_types = layer_types[: -config.num_kv_shared_layers]
+    """
+    assert apply(RULES[0], code)[1].status == "applied"
+
+
+def diff_of_installed_release() -> str:
+    _, package = installed_transformers(FAMILY)
+    sources = {target: (package / target).read_text() for target in FAMILY.targets}
+    patched, outcomes = rewrite(FAMILY, sources)
+    assert all(outcome.status == "applied" for outcome in outcomes)
+    return "".join(
+        line
+        for target in FAMILY.targets
+        for line in difflib.unified_diff(
+            sources[target].splitlines(True), patched[target].splitlines(True), f"a/{target}", f"b/{target}"
+        )
+    )
+
+
+@pytest.mark.skipif(version("transformers") != "5.5.0", reason="the golden diff is of transformers 5.5.0")
+def test_golden_diff_of_transformers_5_5_0():
+    """The exact change on the real files; regenerate with REWRITER_REGENERATE_GOLDEN=1 after a deliberate change."""
+    golden = GOLDEN / "gemma4-5.5.0.diff"
+    actual = diff_of_installed_release()
+    if os.environ.get("REWRITER_REGENERATE_GOLDEN"):
+        golden.write_text(actual)
+    assert actual == golden.read_text()
