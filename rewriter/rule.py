@@ -16,8 +16,9 @@ from rewriter.report import RuleOutcome
 class Rule(m.MatcherDecoratableTransformer):
     """One bug fix. A fresh instance visits one module once.
 
-    Subclasses name the bug (``id``), the file they rewrite (``target``, relative to the transformers package)
-    and the buggy shape they look for (``expected``, quoted in drift messages). While visiting they call
+    Subclasses name the bug (``id``), the file they rewrite (``target``, relative to the transformers package),
+    the top-level definitions they read (``scope``, a matcher: the rest of the file is not visited, which keeps a
+    cold compile cheap) and the buggy shape they look for (``expected``, quoted in drift messages). While visiting they call
     ``rewrote()`` for each buggy place they fix, ``found_fixed()`` when they see the shape upstream already
     fixed, and ``drift(why)`` when a shape is only half recognised. ``check()`` runs after the visit.
 
@@ -27,6 +28,7 @@ class Rule(m.MatcherDecoratableTransformer):
 
     id: ClassVar[str]
     target: ClassVar[str]
+    scope: ClassVar[m.BaseMatcherNode]
     expected: ClassVar[str]
     BUGGY: ClassVar[str]
     PATCHED: ClassVar[str]
@@ -53,7 +55,12 @@ class Rule(m.MatcherDecoratableTransformer):
 
     def apply(self, module: cst.Module) -> tuple[cst.Module, RuleOutcome]:
         """Rewrite ``module``; on anything but ``applied`` the module comes back unchanged."""
-        updated = module.visit(self)
+        self.module = module
+        body: list[cst.BaseStatement] = []
+        for statement in module.body:
+            visited = statement.visit(self) if m.matches(statement, self.scope) else statement
+            body.extend(visited.nodes if isinstance(visited, cst.FlattenSentinel) else [visited])
+        updated = module.with_changes(body=body)
         self.check()
         if self.problems:
             outcome = RuleOutcome(self.id, "drift", 0, self.target, f"expected {self.expected}; " + "; ".join(self.problems))

@@ -43,6 +43,7 @@ POSITIVE_COUNT = (
     | m.Comparison(left=m.Integer("0"), comparisons=[m.ComparisonTarget(m.LessThan(), KV_SHARED_COUNT)])
 )
 PLAIN_REFERENCE = m.Name() | m.Attribute(value=m.Name())
+CACHE_CLASS = m.ClassDef(name=m.Name(m.MatchIfTrue(lambda name: name.endswith("Cache"))))
 
 
 def ensures_positive_count(test: cst.BaseExpression) -> bool:
@@ -57,6 +58,7 @@ class KVSharedSliceRule(Rule):
 
     id = "kv-shared-slice"
     target = "cache_utils.py"
+    scope = CACHE_CLASS | m.FunctionDef()  # cache classes and helpers build the layer list, layer classes never do
     expected = "`seq[: -config.num_kv_shared_layers]` outside a guard that the count is positive"
 
     BUGGY = '''
@@ -73,30 +75,42 @@ class KVSharedSliceRule(Rule):
     '''
     FIXED = (
         '''
-        num_kv_shared_layers = getattr(config, "num_kv_shared_layers", 0)
-        if num_kv_shared_layers > 0:
-            layer_types = layer_types[:-num_kv_shared_layers]
+        def cache_layer_types(config, layer_types):
+            num_kv_shared_layers = getattr(config, "num_kv_shared_layers", 0)
+            if num_kv_shared_layers > 0:
+                layer_types = layer_types[:-num_kv_shared_layers]
         ''',
         '''
-        num_kv_shared_layers = getattr(config, "num_kv_shared_layers", None)
-        if num_kv_shared_layers is not None and num_kv_shared_layers > 0:
-            layer_types = layer_types[: -config.num_kv_shared_layers]
+        class StaticCache(Cache):
+            def __init__(self, config, layer_types):
+                num_kv_shared_layers = getattr(config, "num_kv_shared_layers", None)
+                if num_kv_shared_layers is not None and num_kv_shared_layers > 0:
+                    layer_types = layer_types[: -config.num_kv_shared_layers]
         ''',
     )
     DRIFTED = (
         '''
-        if hasattr(config, "num_kv_shared_layers"):
-            del layer_types[-config.num_kv_shared_layers :]
+        def cache_layer_types(config, layer_types):
+            if hasattr(config, "num_kv_shared_layers"):
+                del layer_types[-config.num_kv_shared_layers :]
         ''',
         '''
-        if hasattr(config, "num_kv_shared_layers"):
-            layer_types = get_types(config)[: -config.num_kv_shared_layers]
+        class DynamicCache(Cache):
+            def __init__(self, config):
+                if hasattr(config, "num_kv_shared_layers"):
+                    layer_types = get_types(config)[: -config.num_kv_shared_layers]
+        ''',
+        '''
+        class DynamicLayer(CacheLayerMixin):
+            def __init__(self, config, layer_types):
+                layer_types = layer_types[: -config.num_kv_shared_layers]
         ''',
     )
 
     def __init__(self) -> None:
         super().__init__()
         self.guards: list[bool] = []
+
 
     def visit_If_body(self, node: cst.If) -> None:
         self.guards.append(ensures_positive_count(node.test))
@@ -191,6 +205,7 @@ class KVSharingWithoutCacheRule(Rule):
 
     id = "kv-sharing-without-cache"
     target = "models/gemma4/modeling_gemma4.py"
+    scope = IN_ATTENTION | IN_TEXT_MODEL
     expected = "Gemma4TextAttention.forward reading `past_key_values.shared_layers[...]` only when a cache is given"
 
     BUGGY = '''
@@ -281,11 +296,8 @@ class KVSharingWithoutCacheRule(Rule):
         super().__init__()
         self.parts: Counter[str] = Counter()
 
-    def visit_Module(self, node: cst.Module) -> None:
-        self.module = node
-
-    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
-        return m.matches(node, IN_ATTENTION | IN_TEXT_MODEL)
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        return m.matches(node, IN_FORWARD)
 
     @m.call_if_inside(IN_ATTENTION)
     @m.leave(READ_SHARED_IF_CACHED)
@@ -423,6 +435,7 @@ class InputProjDequantRule(Rule):
 
     id = "input-proj-dequant"
     target = "models/gemma4/modeling_gemma4.py"
+    scope = IN_PATCH_EMBEDDER
     expected = "`self.input_proj = nn.Linear(...)` in Gemma4VisionPatchEmbedder.__init__"
 
     BUGGY = '''
@@ -458,9 +471,6 @@ class InputProjDequantRule(Rule):
     def __init__(self) -> None:
         super().__init__()
         self.parts: Counter[str] = Counter()
-
-    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
-        return m.matches(node, IN_PATCH_EMBEDDER)
 
     @m.call_if_inside(IN_PATCH_EMBEDDER)
     @m.leave(DEQUANTIZING_INPUT_PROJ)

@@ -60,10 +60,11 @@ def test_drifted_shape_is_reported_and_left_unchanged(rule, code):
 
 def test_slice_in_the_else_branch_of_a_guard_is_still_buggy():
     code = """
-        if config.num_kv_shared_layers > 0:
-            pass
-        else:
-            layer_types = layer_types[: -config.num_kv_shared_layers]
+        def cache_layer_types(config, layer_types):
+            if config.num_kv_shared_layers > 0:
+                pass
+            else:
+                layer_types = layer_types[: -config.num_kv_shared_layers]
     """
     module, outcome = apply(RULES[0], code)
     assert outcome.status == "applied"
@@ -72,8 +73,9 @@ def test_slice_in_the_else_branch_of_a_guard_is_still_buggy():
 
 def test_guard_joined_by_or_does_not_count():
     code = """
-        if config.num_kv_shared_layers > 0 or force:
-            layer_types = layer_types[: -config.num_kv_shared_layers]
+        def cache_layer_types(config, layer_types, force):
+            if config.num_kv_shared_layers > 0 or force:
+                layer_types = layer_types[: -config.num_kv_shared_layers]
     """
     assert apply(RULES[0], code)[1].status == "applied"
 
