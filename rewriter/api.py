@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import linecache
 import logging
 import os
@@ -11,12 +12,12 @@ from pathlib import Path
 import platformdirs
 
 from rewriter import install as installer
-from rewriter.cache import Cache, entry_key, sha256
+from rewriter.cache import CacheDir, Entry, check_trusted, entry_key, sha256
 from rewriter.families import Family, get_family, installed_transformers, module_name
-from rewriter.report import CompileReport, RuleDriftError, drift_message
+from rewriter.report import CompileReport, RuleDriftError, RuleOutcome, drift_message
 
 logger = logging.getLogger("rewriter")
-_warned_roots: set[Path] = set()
+_warned: set[str] = set()
 
 
 @dataclass
@@ -28,41 +29,41 @@ class _Active:
 _active: dict[str, _Active] = {}
 
 
-def compile(family: str, *, cache_dir: str | os.PathLike | None = None, strict: bool = False) -> CompileReport:
+def compile(
+    family: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    strict: bool = False,
+    use_shipped: bool = True,
+) -> CompileReport:
     """Rewrite ``family``'s transformers source with its rules, cache it, and install it into the live classes.
 
-    Calling it again with the same sources changes nothing. Drift is logged as a warning naming the rule, the file
-    and the shape it expected; with ``strict=True`` it raises ``RuleDriftError`` before anything is installed.
+    Entries are looked up in the wheel's shipped cache (unless ``use_shipped=False`` or ``REWRITER_NO_SHIPPED=1``),
+    then in ``cache_dir`` (else ``$REWRITER_CACHE_DIR``, else the user cache folder); a miss runs the LibCST rules
+    and stores the result there, or keeps it in memory when that folder cannot be used. Calling it again with the
+    same sources changes nothing. Drift is logged as a warning naming the rule, the file and the shape it
+    expected; with ``strict=True`` it raises ``RuleDriftError`` before anything is installed.
     """
     spec = get_family(family)
     version, package = installed_transformers(spec)
     sources = {target: (package / target).read_text(encoding="utf-8") for target in spec.targets}
-    components = _key_components(spec, sources)
+    components = key_components(spec, sources)
     key = entry_key(components)
     active = _active.get(spec.name)
     if active is not None and active.report.key == key:
         _check_drift(active.report, strict)
         return active.report
 
-    cache = Cache(_cache_root(cache_dir))
-    entry = cache.load(key)
-    if entry is not None:
-        patched, outcomes, where, paths = entry.texts, entry.outcomes, "user_cache", entry.path
-    else:
-        patched, outcomes, where, paths = _rewrite(spec, sources, cache, key, components)
-    report = CompileReport(spec.name, version, key, where, str(cache.root / key) if where != "memory" else None, outcomes)
+    entry, where = _find_or_build(spec, sources, components, key, cache_dir, use_shipped)
+    report = CompileReport(spec.name, version, key, where, str(entry.folder) if where != "memory" else None, entry.outcomes)
     _check_drift(report, strict)
 
-    patches = [
-        installer.plan(module_name(target), sources[target], patched[target], str(paths(target)))
-        for target in spec.targets
-        if patched[target] != sources[target]
-    ]
     restore(spec.name)
     installed: list[installer.Installed] = []
     try:
-        for patch in patches:
-            installed.append(installer.install(patch))
+        for target, patch in entry.patches.items():
+            filename = str(entry.path(target)) if where != "memory" else _in_memory(key, target, entry.texts[target])
+            installed.append(installer.install(patch, entry.texts[target], filename))
     except BaseException:
         for done in reversed(installed):
             installer.uninstall(done)
@@ -81,24 +82,75 @@ def restore(family: str) -> bool:
     return True
 
 
-def _rewrite(spec: Family, sources: dict[str, str], cache: Cache, key: str, components: dict):
-    from rewriter.engine import rewrite, validate  # LibCST is imported only on a cache miss
+def build(spec: Family, sources: dict[str, str]) -> tuple[dict[str, str], tuple[RuleOutcome, ...], dict]:
+    """Run the rules (LibCST), validate their output, and plan how each patched module installs."""
+    from rewriter.engine import rewrite, validate
 
     patched, outcomes = rewrite(spec, sources)
     for target, text in patched.items():
         validate(text, target)
+    patches = {
+        target: installer.plan(module_name(target), sources[target], patched[target])
+        for target in spec.targets
+        if patched[target] != sources[target]
+    }
+    return patched, outcomes, patches
+
+
+def key_components(spec: Family, sources: dict[str, str]) -> dict:
+    """Everything that decides an entry's content: the sources, and the code that rewrites them."""
+    from rewriter import __version__
+
+    return {
+        "rewriter": __version__,
+        "family": spec.name,
+        "sources": {target: sha256(text) for target, text in sources.items()},
+        "code": {path.name: sha256(path.read_bytes()) for path in spec.code_files()},
+    }
+
+
+def shipped_cache() -> CacheDir:
+    return CacheDir(Path(importlib.util.find_spec("rewriter.compiled_cache").origin).parent, shipped=True)
+
+
+def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
+    if cache_dir is None:
+        cache_dir = os.environ.get("REWRITER_CACHE_DIR") or platformdirs.user_cache_dir("rewriter")
+    return CacheDir(Path(cache_dir))
+
+
+def _find_or_build(spec, sources, components, key, cache_dir, use_shipped) -> tuple[Entry, str]:
+    if use_shipped and not os.environ.get("REWRITER_NO_SHIPPED"):
+        entry = shipped_cache().load(key)
+        if entry is not None:
+            return entry, "shipped"
+    user = user_cache(cache_dir)
     try:
-        entry = cache.store(key, patched, outcomes, components)
+        if user.root.exists():
+            check_trusted(user.root)
     except OSError as error:
-        if cache.root not in _warned_roots:
-            _warned_roots.add(cache.root)
-            logger.warning("rewriter: cache folder %s is not writable (%s); compiling in memory", cache.root, error)
-        return patched, outcomes, "memory", lambda target: _in_memory(key, target, patched[target])
-    return patched, outcomes, "compiled", entry.path
+        _warn_once(str(user.root), f"rewriter: not using cache folder {user.root} ({error}); compiling in memory")
+        return Entry(user.root / key, *build(spec, sources)), "memory"
+    with user.lock(key):
+        entry = user.load(key)
+        if entry is not None:
+            return entry, "user_cache"
+        texts, outcomes, patches = build(spec, sources)
+        try:
+            return user.store(key, texts, outcomes, patches, components), "compiled"
+        except OSError as error:
+            _warn_once(str(user.root), f"rewriter: cache folder {user.root} is not writable ({error}); compiling in memory")
+            return Entry(user.root / key, texts, outcomes, patches), "memory"
+
+
+def _warn_once(what: str, message: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning(message)
 
 
 def _in_memory(key: str, target: str, text: str) -> str:
-    """A pseudo file name for patched source that could not be written, registered so tracebacks show its lines."""
+    """A pseudo file name for patched source that was not written, registered so tracebacks show its lines."""
     filename = f"<rewriter {key[:12]}>/transformers/{target}"
     linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
     return filename
@@ -109,20 +161,3 @@ def _check_drift(report: CompileReport, strict: bool) -> None:
         raise RuleDriftError(report.drifted)
     for outcome in report.drifted:
         logger.warning("rewriter: %s; left unpatched", drift_message(outcome))
-
-
-def _key_components(spec: Family, sources: dict[str, str]) -> dict:
-    from rewriter import __version__
-
-    return {
-        "rewriter": __version__,
-        "family": spec.name,
-        "sources": {target: sha256(text) for target, text in sources.items()},
-        "rules": {path.name: sha256(path.read_bytes()) for path in spec.rules_source_files()},
-    }
-
-
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("REWRITER_CACHE_DIR") or platformdirs.user_cache_dir("rewriter"))

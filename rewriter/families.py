@@ -26,9 +26,10 @@ class Family:
         """The family's rule classes, in the order they run. Imports LibCST."""
         return importlib.import_module(self.rules_module).RULES
 
-    def rules_source_files(self) -> tuple[Path, ...]:
-        """The files whose text decides what the rules write: the rules module and the rule interface."""
-        return tuple(Path(importlib.util.find_spec(name).origin) for name in (self.rules_module, "rewriter.rule"))
+    def code_files(self) -> tuple[Path, ...]:
+        """The files whose text decides a cache entry's content: the rules, and the engine that runs and plans them."""
+        modules = (self.rules_module, "rewriter.rule", "rewriter.engine", "rewriter.install")
+        return tuple(Path(importlib.util.find_spec(name).origin) for name in modules)
 
 
 FAMILIES = {

@@ -10,10 +10,9 @@ definitions a rule adds run in the module's own namespace.
 from __future__ import annotations
 
 import ast
-import copy
 import importlib
 from dataclasses import dataclass, field
-from types import CodeType, FunctionType, ModuleType
+from types import FunctionType, ModuleType
 
 from rewriter.report import RewriterError
 
@@ -26,67 +25,68 @@ class InstallError(RewriterError):
 
 @dataclass(frozen=True)
 class ModulePatch:
-    """What installing one patched module does: the names it adds and the functions whose code it replaces."""
+    """What installing one patched module does, as line ranges of the patched file (stored in cache manifests).
+
+    ``definitions``: ``(first, last)`` lines of each new top-level definition, decorators included.
+    ``replacements``: ``(qualname, first, start, last)`` of each changed function: ``first`` is its first decorator
+    line (or ``start``), ``start`` its ``def`` line, ``last`` its last line.
+    """
 
     module: str
-    added: tuple[str, ...]
-    replaced: tuple[str, ...]
-    definitions: CodeType
-    replacements: CodeType
+    definitions: tuple[tuple[int, int], ...]
+    replacements: tuple[tuple[str, int, int, int], ...]
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModulePatch:
+        return cls(data["module"], tuple(map(tuple, data["definitions"])), tuple(map(tuple, data["replacements"])))
 
 
-def plan(module: str, original: str, patched: str, filename: str) -> ModulePatch:
-    """Compare original and patched source by definition and compile only what changed, as ``filename``."""
+def plan(module: str, original: str, patched: str) -> ModulePatch:
+    """Compare original and patched source definition by definition; only what changed is installed."""
     old_tree, new_tree = ast.parse(original), ast.parse(patched)
     old_definitions = {node.name: node for node in old_tree.body if isinstance(node, DEFINITIONS)}
     if _dump_others(old_tree.body) != _dump_others(new_tree.body):
         raise InstallError(f"{module}: a rule changed module-level code other than definitions")
-    added, shells, replaced = [], [], []
+    definitions, replacements = [], []
     for node in new_tree.body:
         if not isinstance(node, DEFINITIONS):
             continue
         old = old_definitions.get(node.name)
         if old is None:
-            added.append(node)
+            definitions.append((_first_line(node), node.end_lineno))
         elif ast.dump(node) == ast.dump(old):
             continue
         elif isinstance(node, ast.ClassDef):
-            methods = _changed_methods(module, old, node)
-            shells.append(_shell(node, [_undecorated(method) for method in methods]))
-            replaced.extend(f"{node.name}.{method.name}" for method in methods)
+            for method in _changed_methods(module, old, node):
+                replacements.append((f"{node.name}.{method.name}", _first_line(method), method.lineno, method.end_lineno))
         else:
             _check_same_decorators(module, old, node)
-            shells.append(_undecorated(node))
-            replaced.append(node.name)
-    return ModulePatch(
-        module=module,
-        added=tuple(node.name for node in added),
-        replaced=tuple(replaced),
-        definitions=compile(ast.Module(body=added, type_ignores=[]), filename, "exec", dont_inherit=True),
-        replacements=compile(ast.Module(body=shells, type_ignores=[]), filename, "exec", dont_inherit=True),
-    )
+            replacements.append((node.name, _first_line(node), node.lineno, node.end_lineno))
+    return ModulePatch(module, tuple(definitions), tuple(replacements))
 
 
 @dataclass
 class Installed:
     """An installed patch and what it replaced, so that ``uninstall`` can put the originals back."""
 
-    patch: ModulePatch
     module: ModuleType
+    added: tuple[str, ...]
     originals: list[tuple[FunctionType, tuple]] = field(default_factory=list)
 
 
-def install(patch: ModulePatch) -> Installed:
+def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
+    """Compile the changed parts of ``patched`` as ``filename`` and install them into the imported module."""
     module = importlib.import_module(patch.module)
-    targets = [_live_function(module, qualname) for qualname in patch.replaced]  # all found before any change
-    scratch = dict(module.__dict__)
-    exec(patch.replacements, scratch)
-    replacements = [_function(scratch[qualname.split(".")[0]], qualname) for qualname in patch.replaced]
+    lines = patched.splitlines(keepends=True)
+    targets = [_live_function(module, qualname) for qualname, *_ in patch.replacements]
+    replacements = [_compile_function(module, lines, replacement, filename) for replacement in patch.replacements]
     for target, replacement in zip(targets, replacements):
         if target.__code__.co_freevars != replacement.__code__.co_freevars:
             raise InstallError(f"{target.__qualname__}: the patched code closes over other names")
-    installed = Installed(patch, module)
-    exec(patch.definitions, module.__dict__)
+    definitions = ast.Module(body=[_parse(lines, first, last) for first, last in patch.definitions], type_ignores=[])
+    before = set(vars(module))
+    exec(compile(definitions, filename, "exec", dont_inherit=True), vars(module))  # all checks passed: now install
+    installed = Installed(module, tuple(name for name in vars(module) if name not in before))
     for target, replacement in zip(targets, replacements):
         installed.originals.append((target, _function_state(target)))
         _set_function_state(target, _function_state(replacement))
@@ -96,8 +96,26 @@ def install(patch: ModulePatch) -> Installed:
 def uninstall(installed: Installed) -> None:
     for function, state in installed.originals:
         _set_function_state(function, state)
-    for name in installed.patch.added:
-        installed.module.__dict__.pop(name, None)
+    for name in installed.added:
+        vars(installed.module).pop(name, None)
+
+
+def _parse(lines: list[str], first: int, last: int, header: str = "") -> ast.stmt:
+    """Parse lines ``first..last`` of the patched file (under ``header``), keeping their real line numbers."""
+    tree = ast.parse(header + "".join(lines[first - 1 : last]))
+    ast.increment_lineno(tree, first - 1 - header.count("\n"))
+    return tree.body[0]
+
+
+def _compile_function(module: ModuleType, lines: list[str], replacement: tuple, filename: str) -> FunctionType:
+    """The function as the patched file defines it, without decorators; defaults evaluated in the module's names."""
+    qualname, first, start, last = replacement
+    owner, _, name = qualname.rpartition(".")
+    node = _parse(lines, start, last, header=f"class {owner}:\n" if owner else "")
+    (node.body[0] if owner else node).lineno = first  # code starts where the decorators do, as upstream's
+    scratch = dict(vars(module))
+    exec(compile(ast.Module(body=[node], type_ignores=[]), filename, "exec", dont_inherit=True), scratch)
+    return vars(scratch[owner])[name] if owner else scratch[name]
 
 
 def _function_state(function: FunctionType) -> tuple:
@@ -106,13 +124,6 @@ def _function_state(function: FunctionType) -> tuple:
 
 def _set_function_state(function: FunctionType, state: tuple) -> None:
     function.__code__, function.__defaults__, function.__kwdefaults__, function.__annotations__ = state
-
-
-def _function(owner: object, qualname: str) -> FunctionType:
-    """The plain function ``qualname`` defined directly in ``owner`` (a shell class or a module-level function)."""
-    if "." not in qualname:
-        return owner
-    return vars(owner)[qualname.split(".", 1)[1]]
 
 
 def _live_function(module: ModuleType, qualname: str) -> FunctionType:
@@ -160,19 +171,8 @@ def _check_same_decorators(module: str, old: ast.AST, new: ast.AST) -> None:
         raise InstallError(f"{module}.{new.name}: a rule changed decorators, which cannot be patched in place")
 
 
-def _undecorated(node: ast.FunctionDef) -> ast.FunctionDef:
-    """The function without its decorators (the live object keeps them), first line where the decorators were."""
-    bare = copy.copy(node)
-    bare.decorator_list = []
-    bare.lineno = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
-    return bare
-
-
-def _shell(node: ast.ClassDef, methods: list[ast.FunctionDef]) -> ast.ClassDef:
-    """A bare class of the same name holding only the changed methods, so their code gets the right qualname."""
-    shell = copy.copy(node)
-    shell.bases, shell.keywords, shell.decorator_list, shell.body = [], [], [], methods
-    return shell
+def _first_line(node: ast.AST) -> int:
+    return min([node.lineno, *(decorator.lineno for decorator in getattr(node, "decorator_list", ()))])
 
 
 def _dump_all(nodes) -> list[str]:

@@ -30,7 +30,7 @@ class CompileReport:
     family: str
     transformers_version: str
     key: str
-    source: Literal["compiled", "user_cache", "memory"]
+    source: Literal["shipped", "user_cache", "compiled", "memory"]
     cache_path: str | None
     outcomes: tuple[RuleOutcome, ...] = field(default_factory=tuple)
 

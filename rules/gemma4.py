@@ -43,6 +43,10 @@ POSITIVE_COUNT = (
     | m.Comparison(left=m.Integer("0"), comparisons=[m.ComparisonTarget(m.LessThan(), KV_SHARED_COUNT)])
 )
 PLAIN_REFERENCE = m.Name() | m.Attribute(value=m.Name())
+# Later releases stop trimming: layers that reuse another layer's K/V get a dummy cache layer instead.
+READS_KV_SHARING_MODES = m.Call(
+    func=m.Name("getattr"), args=[m.Arg(), m.Arg(m.SimpleString('"kv_sharing_modes"')), m.ZeroOrMore()]
+)
 CACHE_CLASS = m.ClassDef(name=m.Name(m.MatchIfTrue(lambda name: name.endswith("Cache"))))
 
 
@@ -87,6 +91,12 @@ class KVSharedSliceRule(Rule):
                 if num_kv_shared_layers is not None and num_kv_shared_layers > 0:
                     layer_types = layer_types[: -config.num_kv_shared_layers]
         ''',
+        '''
+        def get_layer_types(config, layer_types):
+            kv_sharing_modes = getattr(config, "kv_sharing_modes", None)
+            if kv_sharing_modes is not None:
+                layer_types = ["dummy" if mode == "reuse" else kind for kind, mode in zip(layer_types, kv_sharing_modes)]
+        ''',
     )
     DRIFTED = (
         '''
@@ -118,8 +128,8 @@ class KVSharedSliceRule(Rule):
     def leave_If_body(self, node: cst.If) -> None:
         self.guards.pop()
 
-    @m.leave(SLICE_BY_REMAINING_LENGTH)
-    def note_remaining_length(self, original_node: cst.Subscript, updated_node: cst.Subscript) -> cst.Subscript:
+    @m.leave(SLICE_BY_REMAINING_LENGTH | READS_KV_SHARING_MODES)
+    def note_fixed_shape(self, original_node: cst.BaseExpression, updated_node: cst.BaseExpression) -> cst.BaseExpression:
         self.found_fixed()
         return updated_node
 
