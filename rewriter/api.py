@@ -54,7 +54,7 @@ def compile(
         _check_drift(active.report, strict)
         return active.report
 
-    entry, where = _find_or_build(spec, sources, components, key, cache_dir, use_shipped)
+    entry, where = _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped)
     report = CompileReport(spec.name, version, key, where, str(entry.folder) if where != "memory" else None, entry.outcomes)
     _check_drift(report, strict)
 
@@ -119,7 +119,7 @@ def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
     return CacheDir(Path(cache_dir))
 
 
-def _find_or_build(spec, sources, components, key, cache_dir, use_shipped) -> tuple[Entry, str]:
+def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped) -> tuple[Entry, str]:
     if use_shipped and not os.environ.get("REWRITER_NO_SHIPPED"):
         entry = shipped_cache().load(key)
         if entry is not None:
@@ -137,7 +137,7 @@ def _find_or_build(spec, sources, components, key, cache_dir, use_shipped) -> tu
             return entry, "user_cache"
         texts, outcomes, patches = build(spec, sources)
         try:
-            return user.store(key, texts, outcomes, patches, components), "compiled"
+            return user.store(key, texts, outcomes, patches, components, release=version), "compiled"
         except OSError as error:
             _warn_once(str(user.root), f"rewriter: cache folder {user.root} is not writable ({error}); compiling in memory")
             return Entry(user.root / key, texts, outcomes, patches), "memory"

@@ -80,7 +80,7 @@ class CacheDir:
             logger.warning("rewriter: not using cache entry %s: %s", folder, error)
             return None
 
-    def store(self, key: str, texts: dict[str, str], outcomes, patches: dict[str, ModulePatch], components: dict):
+    def store(self, key, texts: dict[str, str], outcomes, patches: dict[str, ModulePatch], components, *, release=""):
         """Publish an entry: each file via a temp file and ``os.replace``, the manifest last.
 
         Raises ``OSError`` (``UntrustedError`` included) when the root cannot safely take it.
@@ -100,6 +100,7 @@ class CacheDir:
             "files": {target: sha256(text) for target, text in texts.items()},
             "outcomes": [asdict(outcome) for outcome in outcomes],
             "patches": {target: asdict(patch) for target, patch in patches.items()},
+            "transformers": release,
             "built": _built(),
         }
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -141,10 +142,20 @@ class CacheDir:
     def size(self) -> int:
         return sum(path.stat().st_size for key in self.keys() for path in (self.root / key).rglob("*") if path.is_file())
 
+    def release(self, key: str) -> str:
+        """The transformers release an entry was built for, as its manifest says."""
+        try:
+            return json.loads((self.root / key / MANIFEST).read_text()).get("transformers", "")
+        except (OSError, ValueError):
+            return ""
+
+    def remove(self, key: str) -> None:
+        _remove(self.root / key)
+
     def clear(self) -> int:
         keys = self.keys()
         for key in keys:
-            _remove(self.root / key)
+            self.remove(key)
         shutil.rmtree(self.root / LOCKS, ignore_errors=True)
         return len(keys)
 

@@ -57,6 +57,59 @@ def diff_command(args, console: Console) -> int:
     return 1 if any(outcome.status == "drift" for outcome in outcomes) else 0
 
 
+def cache_command(args, console: Console) -> int:
+    from rewriter.api import key_components, shipped_cache, user_cache
+    from rewriter.cache import entry_key
+    from rewriter.families import get_family, installed_transformers
+
+    locations = {"shipped": shipped_cache(), "user": user_cache(args.cache_dir)}
+    if args.action == "clear":
+        console.print(f"removed {locations['user'].clear()} entries from {locations['user'].root}")
+        return 0
+    if args.action == "verify":
+        bad = [
+            (name, key, why)
+            for name, cache in locations.items()
+            for key in cache.keys()
+            if (why := cache.verify(key)) is not None
+        ]
+        for name, key, why in bad:
+            console.print(f"[bold red]bad[/] {name} entry {locations[name].root / key}: {why}")
+        checked = sum(len(cache.keys()) for cache in locations.values())
+        console.print(f"{checked - len(bad)} of {checked} entries check")
+        return 1 if bad else 0
+    family = get_family("gemma4")
+    try:
+        version, package = installed_transformers(family)
+        sources = {target: (package / target).read_text(encoding="utf-8") for target in family.targets}
+        key = entry_key(key_components(family, sources))
+    except RewriterError as error:
+        version, key = str(error), None
+    table = Table(title=f"rewriter caches; installed transformers: {version}")
+    for column in ("location", "folder", "entries", "bytes", "entry for the installed release"):
+        table.add_column(column)
+    for name, cache in locations.items():
+        hit = "yes" if key in cache.keys() else "no"
+        table.add_row(name, str(cache.root), str(len(cache.keys())), f"{cache.size():,}", hit)
+    console.print(table)
+    return 0
+
+
+def prebuild_command(args, console: Console) -> int:
+    from pathlib import Path
+
+    from rewriter.api import shipped_cache
+    from rewriter.families import get_family
+    from rewriter.prebuild import prebuild
+    from rewriter.releases import SUPPORTED_RELEASES
+
+    out = Path(args.out) if args.out else shipped_cache().root
+    keys = prebuild(get_family("gemma4"), out, args.releases or list(SUPPORTED_RELEASES))
+    for release, key in keys.items():
+        console.print(f"transformers {release}: {out / key}")
+    return 0
+
+
 def demo_command(args, console: Console) -> int:
     from rewriter import demo
 
@@ -75,6 +128,14 @@ def parser() -> argparse.ArgumentParser:
     diff = commands.add_parser("diff", help="print a unified diff of what each rule changes")
     diff.add_argument("family")
     diff.set_defaults(run=diff_command)
+    cache = commands.add_parser("cache", help="inspect, check or empty the caches")
+    cache.add_argument("action", choices=("info", "verify", "clear"))
+    cache.add_argument("--cache-dir", help="user cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
+    cache.set_defaults(run=cache_command)
+    prebuild = commands.add_parser("prebuild", help="generate the shipped entries for the supported releases")
+    prebuild.add_argument("releases", nargs="*", help="versions or wheel paths (default: every supported release)")
+    prebuild.add_argument("--out", help="folder to write (default: the package's compiled_cache)")
+    prebuild.set_defaults(run=prebuild_command)
     demo = commands.add_parser("demo", help="show each Gemma-4 bug unpatched, compile, and show it fixed")
     demo.set_defaults(run=demo_command)
     return main

@@ -7,8 +7,9 @@ import json
 from tests.conftest import run_python
 
 
-def rewriter_cli(*args: str, cache_dir) -> tuple[int, str, str]:
-    result = run_python("", "-m", "rewriter", *args, env={"REWRITER_CACHE_DIR": str(cache_dir), "COLUMNS": "400"})
+def rewriter_cli(*args: str, cache_dir, env: dict | None = None) -> tuple[int, str, str]:
+    env = {"REWRITER_CACHE_DIR": str(cache_dir), "COLUMNS": "400", **(env or {})}
+    result = run_python("", "-m", "rewriter", *args, env=env)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -21,7 +22,14 @@ def test_compile_json(cache_dir):
         ("kv-sharing-without-cache", "applied", 2),
         ("input-proj-dequant", "applied", 2),
     ]
-    assert report["cache_path"].startswith(str(cache_dir))
+    assert report["source"] == "shipped"
+
+
+def test_compile_without_the_shipped_cache_writes_the_user_cache(cache_dir):
+    code, out, err = rewriter_cli("compile", "gemma4", "--json", cache_dir=cache_dir, env={"REWRITER_NO_SHIPPED": "1"})
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["source"] == "compiled" and report["cache_path"].startswith(str(cache_dir))
 
 
 def test_compile_table(cache_dir):

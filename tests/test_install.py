@@ -75,9 +75,9 @@ def test_restore_puts_the_original_code_back(cache_dir):
 
 
 def test_second_process_uses_the_cache_entry(cache_dir):
-    first = rewriter.compile("gemma4", cache_dir=cache_dir)
+    first = rewriter.compile("gemma4", cache_dir=cache_dir, use_shipped=False)
     assert first.source == "compiled"
-    code = f"import rewriter; print(rewriter.compile('gemma4', cache_dir={str(cache_dir)!r}).source)"
+    code = f"import rewriter; print(rewriter.compile('gemma4', cache_dir={str(cache_dir)!r}, use_shipped=False).source)"
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["user_cache"]
@@ -101,9 +101,9 @@ def test_unwritable_cache_compiles_in_memory_and_warns_once(tmp_path, caplog):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     with caplog.at_level(logging.WARNING, logger="rewriter"):
-        report = rewriter.compile("gemma4", cache_dir=not_a_folder)
+        report = rewriter.compile("gemma4", cache_dir=not_a_folder, use_shipped=False)
         rewriter.restore("gemma4")
-        rewriter.compile("gemma4", cache_dir=not_a_folder)
+        rewriter.compile("gemma4", cache_dir=not_a_folder, use_shipped=False)
     assert report.source == "memory" and report.cache_path is None
     assert len(caplog.records) == 1 and "is not writable" in caplog.records[0].message
     assert "shared_kv_states" in inspect.getsource(Attention.forward)

@@ -1,0 +1,38 @@
+"""transformers releases as wheels: fetched once with pip, read without installing or importing them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import platformdirs
+
+# Every release the rules are checked against (see BUGS.md); the last is the latest 5.x.
+SUPPORTED_RELEASES = ("5.5.0", "5.5.1", "5.5.2", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0")
+
+
+def wheel_dir() -> Path:
+    return Path(os.environ.get("REWRITER_WHEEL_DIR") or platformdirs.user_cache_dir("rewriter-wheels"))
+
+
+def fetch_wheel(version: str, folder: Path | None = None) -> Path:
+    """The transformers wheel of ``version``, downloaded with ``pip download --no-deps`` unless already there."""
+    folder = folder or wheel_dir()
+    wheel = folder / f"transformers-{version}-py3-none-any.whl"
+    if not wheel.exists():
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:"]
+        subprocess.run([*command, "-d", str(folder), f"transformers=={version}"], check=True)
+    return wheel
+
+
+def wheel_version(wheel: Path) -> str:
+    return wheel.name.split("-")[1]
+
+
+def wheel_sources(wheel: Path, targets: tuple[str, ...]) -> dict[str, str]:
+    """The text of each target file (relative to the transformers package) inside ``wheel``."""
+    with zipfile.ZipFile(wheel) as archive:
+        return {target: archive.read(f"transformers/{target}").decode("utf-8") for target in targets}

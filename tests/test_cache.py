@@ -1,0 +1,234 @@
+"""The cache with real processes and real files: concurrency, corruption, permissions, keys, the shipped entries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+import rewriter
+from rewriter import api, tiny
+from rewriter.cache import MANIFEST
+from rewriter.families import get_family
+from rewriter.prebuild import prebuild
+from rewriter.releases import SUPPORTED_RELEASES
+from tests.conftest import ROOT, run_python
+from tests.test_install import mutated_transformers
+
+MODELING = "models/gemma4/modeling_gemma4.py"
+
+PATCH_IN_A_FRESH_PROCESS = """
+import sys, rewriter
+from rewriter import tiny
+report = rewriter.compile("gemma4", cache_dir=sys.argv[1], use_shipped=False)
+from transformers import StaticCache
+assert len(StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6, "not patched"
+print(report.source)
+"""
+
+
+def compile_fresh(cache_dir, **kwargs) -> rewriter.CompileReport:
+    rewriter.restore("gemma4")
+    return rewriter.compile("gemma4", cache_dir=cache_dir, use_shipped=False, **kwargs)
+
+
+def entry_files(folder: Path) -> dict[str, bytes]:
+    """Every file of an entry; the manifest without its ``built`` record, which describes the build machine."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == MANIFEST:
+                manifest = json.loads(data)
+                del manifest["built"]
+                data = json.dumps(manifest, sort_keys=True).encode()
+            files[str(path.relative_to(folder))] = data
+    return files
+
+
+def test_eight_processes_on_an_empty_cache_build_one_entry(tmp_path):
+    cache = tmp_path / "cache"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", PATCH_IN_A_FRESH_PROCESS, str(cache)], stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    sources = [process.communicate(timeout=600)[0].strip() for process in processes]
+    assert [process.returncode for process in processes] == [0] * 8
+    assert sorted(set(sources)) <= ["compiled", "user_cache"] and "compiled" in sources
+    entries = [path for path in cache.iterdir() if not path.name.startswith(".")]
+    assert len(entries) == 1
+    assert not [path for path in cache.rglob("*") if path.name.endswith(".tmp")]
+    single = compile_fresh(tmp_path / "single")
+    assert entry_files(entries[0]) == entry_files(Path(single.cache_path))
+
+
+def corrupt_truncate(entry: Path) -> None:
+    path = entry / "transformers" / MODELING
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def corrupt_flip_a_byte(entry: Path) -> None:
+    path = entry / "transformers" / MODELING
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def corrupt_plant_code(entry: Path) -> None:
+    """Code that leaves a marker file if it ever runs, on the same line so that line numbers still fit."""
+    path = entry / "transformers" / MODELING
+    marker = entry.parent.parent / "executed"
+    text = path.read_text().replace("shared_kv_states = {}", f"shared_kv_states = {{}}; open({str(marker)!r}, 'w')")
+    path.write_text(text)
+
+
+def corrupt_manifest_for_other_sources(entry: Path) -> None:
+    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest["components"]["sources"][MODELING] = "0" * 64
+    (entry / MANIFEST).write_text(json.dumps(manifest))
+
+
+def corrupt_manifest_hash(entry: Path) -> None:
+    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest["files"]["cache_utils.py"] = "f" * 64
+    (entry / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        corrupt_truncate,
+        corrupt_flip_a_byte,
+        corrupt_plant_code,
+        corrupt_manifest_for_other_sources,
+        corrupt_manifest_hash,
+    ],
+)
+def test_a_damaged_entry_is_detected_never_executed_and_replaced(tmp_path, caplog, corrupt):
+    cache = tmp_path / "cache"
+    good = compile_fresh(cache)
+    entry = Path(good.cache_path)
+    expected = entry_files(entry)
+    corrupt(entry)
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = compile_fresh(cache)
+    assert report.source == "compiled"
+    assert f"not using cache entry {entry}" in caplog.text
+    assert entry_files(entry) == expected
+    tiny.causal_lm(2)(tiny.input_ids(), use_cache=False)
+    assert not (tmp_path / "executed").exists()
+
+
+def test_group_or_world_writable_cache_folder_is_refused(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    compile_fresh(cache)
+    cache.chmod(0o777)
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = compile_fresh(cache)
+    assert report.source == "memory"
+    assert "writable by its group or by everyone" in caplog.text
+    assert len(transformers.StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_cache_folder_owned_by_another_user_is_refused(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    compile_fresh(cache)
+    os.chown(cache, 65534, 65534)
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = compile_fresh(cache)
+    assert report.source == "memory"
+    assert "owned by another user (uid 65534)" in caplog.text
+    assert len(transformers.StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+
+
+def test_symlinked_entry_is_refused_and_replaced(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    entry = Path(compile_fresh(cache).cache_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(entry, elsewhere)
+    entry.symlink_to(elsewhere, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = compile_fresh(cache)
+    assert f"{entry} is a symlink" in caplog.text
+    assert report.source == "compiled"
+    assert entry.is_dir() and not entry.is_symlink()
+
+
+def test_other_transformers_source_gets_another_key(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    original = compile_fresh(cache)
+    mutated_transformers(tmp_path / "src", monkeypatch, MODELING, "# ---- Vision Encoder Layers ----", "# vision")
+    changed = compile_fresh(cache)
+    assert changed.key != original.key
+    assert changed.source == "compiled"
+    assert sorted(path.name for path in cache.iterdir() if len(path.name) == 64) == sorted([original.key, changed.key])
+
+
+def test_shipped_entry_patches_without_importing_libcst(tmp_path):
+    code = """
+import sys, rewriter
+report = rewriter.compile("gemma4", cache_dir=sys.argv[1])
+assert "libcst" not in sys.modules, "libcst was imported"
+print(report.source)
+"""
+    result = run_python(code, str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["shipped"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_shipped_entries_are_exactly_what_prebuild_generates(tmp_path):
+    """Regenerate every shipped entry from the release wheels; any difference from the committed ones fails."""
+    keys = prebuild(get_family("gemma4"), tmp_path / "regenerated", list(SUPPORTED_RELEASES))
+    shipped = api.shipped_cache()
+    assert sorted(keys.values()) == shipped.keys()
+    for key in shipped.keys():
+        assert entry_files(tmp_path / "regenerated" / key) == entry_files(shipped.root / key), key
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(path): (path.stat().st_mtime_ns, path.stat().st_size) for path in folder.rglob("*")}
+
+
+def test_wheel_installed_read_only_patches_from_its_shipped_entry_and_writes_nothing(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, ROOT], check=True)
+    (wheel,) = wheels.glob("rewriter-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", wheel], check=True)
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(subprocess.check_output([python, "-c", purelib], text=True).strip())
+    # torch, transformers and the rest come from the test environment, after the wheel's own files
+    dependencies = Path(transformers.__file__).parents[1]
+    (site / "test-dependencies.pth").write_text(f"{dependencies}\n")
+    for path in [site / "rewriter", *(site / "rewriter").rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    home = tmp_path / "home"
+    home.mkdir()
+    before = {**tree(venv), **tree(home)}
+    code = """
+import sys, rewriter
+from rewriter import tiny
+report = rewriter.compile("gemma4")
+assert report.source == "shipped", report
+assert "libcst" not in sys.modules
+from transformers import StaticCache
+assert len(StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+print(report.cache_path)
+"""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("REWRITER_")}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONNOUSERSITE="1")
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(site / "rewriter" / "compiled_cache"))
+    assert {**tree(venv), **tree(home)} == before
