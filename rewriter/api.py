@@ -87,10 +87,9 @@ def build(spec: Family, sources: dict[str, str]) -> tuple[dict[str, str], tuple[
     from rewriter.engine import rewrite, validate
 
     patched, outcomes = rewrite(spec, sources)
-    for target, text in patched.items():
-        validate(text, target)
+    trees = {target: validate(text, target) for target, text in patched.items()}
     patches = {
-        target: installer.plan(module_name(target), sources[target], patched[target])
+        target: installer.plan(module_name(target), sources[target], patched[target], trees[target])
         for target in spec.targets
         if patched[target] != sources[target]
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-from types import CodeType
 
 import libcst as cst
 
@@ -25,9 +24,11 @@ def rewrite(family: Family, sources: dict[str, str]) -> tuple[dict[str, str], tu
     return {target: module.code for target, module in modules.items()}, tuple(outcomes)
 
 
-def validate(text: str, filename: str) -> CodeType:
-    """Parse and compile ``text`` as ``filename``; raise ``InvalidOutputError`` if it is not valid Python."""
+def validate(text: str, filename: str) -> ast.Module:
+    """Parse and compile ``text`` as ``filename``, returning its AST; ``InvalidOutputError`` if it is not valid."""
     try:
-        return compile(ast.parse(text, filename), filename, "exec", dont_inherit=True)
+        tree = ast.parse(text, filename)
+        compile(tree, filename, "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as error:
         raise InvalidOutputError(f"rewritten {filename} is not valid Python: {error}") from error
+    return tree

@@ -41,9 +41,10 @@ class ModulePatch:
         return cls(data["module"], tuple(map(tuple, data["definitions"])), tuple(map(tuple, data["replacements"])))
 
 
-def plan(module: str, original: str, patched: str) -> ModulePatch:
+def plan(module: str, original: str, patched: str, patched_tree: ast.Module | None = None) -> ModulePatch:
     """Compare original and patched source definition by definition; only what changed is installed."""
-    old_tree, new_tree = ast.parse(original), ast.parse(patched)
+    old_tree, new_tree = ast.parse(original), patched_tree or ast.parse(patched)
+    old_text, new_text = _Text(original), _Text(patched)
     old_definitions = {node.name: node for node in old_tree.body if isinstance(node, DEFINITIONS)}
     if _dump_others(old_tree.body) != _dump_others(new_tree.body):
         raise InstallError(f"{module}: a rule changed module-level code other than definitions")
@@ -54,10 +55,10 @@ def plan(module: str, original: str, patched: str) -> ModulePatch:
         old = old_definitions.get(node.name)
         if old is None:
             definitions.append((_first_line(node), node.end_lineno))
-        elif ast.dump(node) == ast.dump(old):
+        elif new_text.of(node) == old_text.of(old):
             continue
         elif isinstance(node, ast.ClassDef):
-            for method in _changed_methods(module, old, node):
+            for method in _changed_methods(module, old, node, old_text, new_text):
                 replacements.append((f"{node.name}.{method.name}", _first_line(method), method.lineno, method.end_lineno))
         else:
             _check_same_decorators(module, old, node)
@@ -148,7 +149,17 @@ def _live_function(module: ModuleType, qualname: str) -> FunctionType:
     raise InstallError(f"{module.__name__}: cannot find the function {qualname} to patch in the imported module")
 
 
-def _changed_methods(module: str, old: ast.ClassDef, new: ast.ClassDef) -> list[ast.FunctionDef]:
+class _Text:
+    """Source lines, to compare definitions by their text (much cheaper than comparing their ASTs)."""
+
+    def __init__(self, source: str):
+        self.lines = source.splitlines(keepends=True)
+
+    def of(self, node: ast.AST) -> str:
+        return "".join(self.lines[_first_line(node) - 1 : node.end_lineno])
+
+
+def _changed_methods(module: str, old: ast.ClassDef, new: ast.ClassDef, old_text: _Text, new_text: _Text):
     if _dump_others(old.body) != _dump_others(new.body) or _dump_header(old) != _dump_header(new):
         raise InstallError(f"{module}.{new.name}: a rule changed the class itself, not only its methods")
     old_methods = {node.name: node for node in old.body if isinstance(node, DEFINITIONS)}
@@ -157,7 +168,7 @@ def _changed_methods(module: str, old: ast.ClassDef, new: ast.ClassDef) -> list[
         raise InstallError(f"{module}.{new.name}: a rule added or removed methods; only existing ones can be patched")
     changed = []
     for name, node in new_methods.items():
-        if ast.dump(node) == ast.dump(old_methods[name]):
+        if new_text.of(node) == old_text.of(old_methods[name]):
             continue
         if isinstance(node, ast.ClassDef):
             raise InstallError(f"{module}.{new.name}.{name}: a rule changed a nested class")

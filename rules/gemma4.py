@@ -62,7 +62,7 @@ class KVSharedSliceRule(Rule):
 
     id = "kv-shared-slice"
     target = "cache_utils.py"
-    scope = CACHE_CLASS | m.FunctionDef()  # cache classes and helpers build the layer list, layer classes never do
+    scope = CACHE_CLASS | m.FunctionDef()  # cache constructors and helpers build the layer list, layers never do
     expected = "`seq[: -config.num_kv_shared_layers]` outside a guard that the count is positive"
 
     BUGGY = '''
@@ -120,6 +120,18 @@ class KVSharedSliceRule(Rule):
     def __init__(self) -> None:
         super().__init__()
         self.guards: list[bool] = []
+        self.in_class = False
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.in_class = True
+
+    def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
+        self.in_class = False
+        return updated_node
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        """In a cache class only the constructor builds the layer list."""
+        return not self.in_class or node.name.value == "__init__"
 
 
     def visit_If_body(self, node: cst.If) -> None:

@@ -189,7 +189,7 @@ def test_shipped_entries_are_exactly_what_prebuild_generates(tmp_path):
     """Regenerate every shipped entry from the release wheels; any difference from the committed ones fails."""
     keys = prebuild(get_family("gemma4"), tmp_path / "regenerated", list(SUPPORTED_RELEASES))
     shipped = api.shipped_cache()
-    assert sorted(keys.values()) == shipped.keys()
+    assert sorted(keys.values()) == shipped.keys(), "stale shipped entries: run python -m rewriter prebuild"
     for key in shipped.keys():
         assert entry_files(tmp_path / "regenerated" / key) == entry_files(shipped.root / key), key
 
