@@ -13,7 +13,7 @@ import platformdirs
 
 from rewriter import install as installer
 from rewriter.cache import CacheDir, Entry, check_trusted, entry_key, sha256
-from rewriter.families import Family, get_family, installed_transformers, module_name
+from rewriter.families import Family, get_family, installed_transformers, module_name, read_sources
 from rewriter.report import CompileReport, RuleDriftError, RuleOutcome, drift_message
 
 logger = logging.getLogger("rewriter")
@@ -46,7 +46,7 @@ def compile(
     """
     spec = get_family(family)
     version, package = installed_transformers(spec)
-    sources = {target: (package / target).read_text(encoding="utf-8") for target in spec.targets}
+    sources = read_sources(spec, package)
     components = key_components(spec, sources)
     key = entry_key(components)
     active = _active.get(spec.name)

@@ -7,11 +7,13 @@ import difflib
 import json
 import os
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from rewriter.report import CompileReport, RewriterError
+from rewriter.report import CompileReport, RewriterError, RuleOutcome
 
 STATUS_STYLE = {"applied": "green", "not_needed": "cyan", "drift": "bold red"}
 
@@ -21,9 +23,13 @@ def report_table(report: CompileReport) -> Table:
     for column in ("rule", "file", "status", "sites", "detail"):
         table.add_column(column)
     for outcome in report.outcomes:
-        style = STATUS_STYLE[outcome.status]
-        table.add_row(outcome.rule, outcome.file, f"[{style}]{outcome.status}[/]", str(outcome.sites), outcome.detail)
+        table.add_row(*outcome_row(outcome))
     return table
+
+
+def outcome_row(outcome: RuleOutcome) -> tuple[str, ...]:
+    style = STATUS_STYLE[outcome.status]
+    return outcome.rule, outcome.file, f"[{style}]{outcome.status}[/]", str(outcome.sites), outcome.detail
 
 
 def compile_command(args, console: Console) -> int:
@@ -39,11 +45,10 @@ def compile_command(args, console: Console) -> int:
 
 def diff_command(args, console: Console) -> int:
     from rewriter.engine import rewrite
-    from rewriter.families import get_family, installed_transformers
+    from rewriter.families import get_family, read_sources
 
     family = get_family(args.family)
-    _, package = installed_transformers(family)
-    sources = {target: (package / target).read_text(encoding="utf-8") for target in family.targets}
+    sources = read_sources(family, transformers_folder(family, args.source_dir))
     patched, outcomes = rewrite(family, sources)
     for target in family.targets:
         sys.stdout.writelines(
@@ -57,10 +62,36 @@ def diff_command(args, console: Console) -> int:
     return 1 if any(outcome.status == "drift" for outcome in outcomes) else 0
 
 
+def report_command(args, console: Console) -> int:
+    """The rules' verdicts on a transformers source tree (an unzipped wheel), which is never imported."""
+    from rewriter.engine import rewrite
+    from rewriter.families import get_family, read_sources
+
+    family = get_family(args.family)
+    _, outcomes = rewrite(family, read_sources(family, transformers_folder(family, args.source_dir)))
+    if args.json:
+        print(json.dumps([asdict(outcome) for outcome in outcomes], indent=2))
+    else:
+        table = Table(title=f"rewriter {family.name}: rules on {args.source_dir or 'the installed transformers'}")
+        for column in ("rule", "file", "status", "sites", "detail"):
+            table.add_column(column)
+        for outcome in outcomes:
+            table.add_row(*outcome_row(outcome))
+        console.print(table)
+    return 1 if any(outcome.status == "drift" for outcome in outcomes) else 0
+
+
+def transformers_folder(family, source_dir: str | None) -> Path:
+    """``--source-dir`` (a transformers package folder), else the installed transformers, version-checked."""
+    from rewriter.families import installed_transformers
+
+    return Path(source_dir) if source_dir else installed_transformers(family)[1]
+
+
 def cache_command(args, console: Console) -> int:
     from rewriter.api import key_components, shipped_cache, user_cache
     from rewriter.cache import entry_key
-    from rewriter.families import get_family, installed_transformers
+    from rewriter.families import get_family, installed_transformers, read_sources
 
     locations = {"shipped": shipped_cache(), "user": user_cache(args.cache_dir)}
     if args.action == "clear":
@@ -81,8 +112,7 @@ def cache_command(args, console: Console) -> int:
     family = get_family("gemma4")
     try:
         version, package = installed_transformers(family)
-        sources = {target: (package / target).read_text(encoding="utf-8") for target in family.targets}
-        key = entry_key(key_components(family, sources))
+        key = entry_key(key_components(family, read_sources(family, package)))
     except RewriterError as error:
         version, key = str(error), None
     table = Table(title=f"rewriter caches; installed transformers: {version}")
@@ -127,7 +157,13 @@ def parser() -> argparse.ArgumentParser:
     compile_.set_defaults(run=compile_command)
     diff = commands.add_parser("diff", help="print a unified diff of what each rule changes")
     diff.add_argument("family")
+    diff.add_argument("--source-dir", help="a transformers package folder (an unzipped wheel) instead of the installed")
     diff.set_defaults(run=diff_command)
+    report = commands.add_parser("report", help="each rule's status on a transformers source tree, never imported")
+    report.add_argument("family")
+    report.add_argument("--source-dir", help="a transformers package folder (an unzipped wheel) instead of the installed")
+    report.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    report.set_defaults(run=report_command)
     cache = commands.add_parser("cache", help="inspect, check or empty the caches")
     cache.add_argument("action", choices=("info", "verify", "clear"))
     cache.add_argument("--cache-dir", help="user cache folder (default: $REWRITER_CACHE_DIR or the user cache)")

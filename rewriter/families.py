@@ -70,9 +70,17 @@ def installed_transformers(family: Family) -> tuple[str, Path]:
             f"transformers {version} is installed; {family.name} supports transformers{family.supported}"
         )
     package = Path(next(iter(spec.submodule_search_locations)))
+    check_sources(family, package, f"transformers {version} at {package}")
+    return version, package
+
+
+def check_sources(family: Family, package: Path, what: str) -> None:
     missing = [target for target in family.targets if not (package / target).is_file()]
     if missing:
-        raise UnsupportedTransformersError(
-            f"transformers {version} at {package} has no {', '.join(missing)}: it does not ship {family.name}"
-        )
-    return version, package
+        raise UnsupportedTransformersError(f"{what} has no {', '.join(missing)}: it does not ship {family.name}")
+
+
+def read_sources(family: Family, package: Path) -> dict[str, str]:
+    """The text of each file the family's rules rewrite, from a transformers package folder."""
+    check_sources(family, package, f"the transformers folder {package}")
+    return {target: (package / target).read_text(encoding="utf-8") for target in family.targets}

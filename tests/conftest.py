@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,18 @@ def run_python(code: str, *args: str, env: dict | None = None, cwd: Path | None 
         timeout=600,
     )
     return result
+
+
+def mutated_transformers(folder: Path, monkeypatch, target: str, old: str, new: str) -> None:
+    """Make ``rewriter.compile`` read a copy of the installed sources in which ``old`` became ``new`` in ``target``."""
+    from rewriter import api
+
+    family = api.get_family("gemma4")
+    version, package = api.installed_transformers(family)
+    for name in family.targets:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(package / name, folder / name)
+    text = (folder / target).read_text()
+    assert text.count(old) >= 1, f"{old!r} is not in {target}"
+    (folder / target).write_text(text.replace(old, new))
+    monkeypatch.setattr(api, "installed_transformers", lambda family: (version, folder))

@@ -19,8 +19,7 @@ from rewriter.cache import MANIFEST
 from rewriter.families import get_family
 from rewriter.prebuild import prebuild
 from rewriter.releases import SUPPORTED_RELEASES
-from tests.conftest import ROOT, run_python
-from tests.test_install import mutated_transformers
+from tests.conftest import ROOT, mutated_transformers, run_python
 
 MODELING = "models/gemma4/modeling_gemma4.py"
 

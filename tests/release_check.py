@@ -1,0 +1,81 @@
+"""Run inside an environment with some transformers release: compile, then check every behaviour on tiny models.
+
+    python tests/release_check.py CACHE_DIR      # prints one JSON object
+
+Used by tests/test_releases.py, one virtual environment per release; kept a plain script so that it runs under
+whatever transformers that environment has.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import rewriter
+from rewriter import tiny
+
+
+def definition_text(source: str, name: str) -> str:
+    node = next(node for node in ast.parse(source).body if getattr(node, "name", None) == name)
+    return ast.get_source_segment(source, node, padded=True)
+
+
+def main(cache_dir: str) -> dict:
+    report = rewriter.compile("gemma4", cache_dir=cache_dir, strict=True)
+    import transformers
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from bitsandbytes.nn import Params4bit
+    from transformers.models.gemma4 import modeling_gemma4
+
+    result = {
+        "transformers": transformers.__version__,
+        "source": report.source,
+        "outcomes": {outcome.rule: [outcome.status, outcome.sites] for outcome in report.outcomes},
+    }
+
+    model, ids = tiny.causal_lm(0), tiny.input_ids()
+    static = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    result["static_generate_equals_dynamic"] = torch.equal(static, model.generate(ids, max_new_tokens=8, do_sample=False))
+
+    model = tiny.causal_lm(2)
+    with torch.no_grad():
+        cached, uncached = model(ids, use_cache=True).logits, model(ids, use_cache=False).logits
+    result["use_cache_gap"] = (cached - uncached).abs().max().item()
+
+    torch.manual_seed(0)
+    vision = transformers.Gemma4ForConditionalGeneration(tiny.vision_config()).eval()
+    embedder = vision.model.vision_tower.patch_embedder
+    packed, state = quantize_4bit(embedder.input_proj.weight.detach().to(torch.bfloat16))
+    embedder.input_proj.weight = Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
+    pixels, positions = tiny.image_patches()
+    with torch.no_grad():
+        vision.model.get_image_features(pixels, positions)
+        projected = embedder.input_proj(2 * (pixels - 0.5))
+    reference = F.linear((2 * (pixels - 0.5)).to(torch.bfloat16), dequantize_4bit(packed, state))
+    result["packed_input_proj_gap"] = (projected - reference).abs().max().item()
+
+    # Where a rule is not needed, what it would touch must be upstream's code, byte for byte.
+    entry = Path(report.cache_path) / "transformers"
+    package = Path(transformers.__file__).parent
+    unchanged = {}
+    if report.outcome("kv-shared-slice").status == "not_needed":
+        unchanged["cache_utils.py"] = (entry / "cache_utils.py").read_text() == (package / "cache_utils.py").read_text()
+    if report.outcome("kv-sharing-without-cache").status == "not_needed":
+        target = "models/gemma4/modeling_gemma4.py"
+        patched, upstream = (entry / target).read_text(), (package / target).read_text()
+        for name in ("Gemma4TextAttention", "Gemma4TextModel"):
+            same_text = definition_text(patched, name) == definition_text(upstream, name)
+            forward = inspect.unwrap(getattr(modeling_gemma4, name).forward)
+            unchanged[name] = same_text and forward.__code__.co_filename == str(package / target)
+    result["unchanged_where_not_needed"] = unchanged
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1])))

@@ -1,0 +1,92 @@
+"""Drift: the real transformers 5.5.0 sources, mutated the ways upstream could change them.
+
+Each mutation leaves one rule facing a shape it does not know: that rule reports ``drift`` with a message naming
+the rule, the file and the expected shape, installs nothing, and the other rules still apply; ``strict=True``
+raises ``RuleDriftError`` before anything at all is installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+import transformers
+from transformers.models.gemma4 import modeling_gemma4
+
+import rewriter
+from rewriter.rules.gemma4 import RULES
+from tests.conftest import mutated_transformers
+
+CACHE_UTILS, MODELING = "cache_utils.py", "models/gemma4/modeling_gemma4.py"
+EXPECTED = {rule.id: rule.expected for rule in RULES}
+
+MUTATIONS = {
+    "slice rewritten a third way": (
+        "kv-shared-slice",
+        CACHE_UTILS,
+        "layer_types[: -",
+        "layer_types[: -1 * ",
+    ),
+    "attention class renamed": (
+        "kv-sharing-without-cache",
+        MODELING,
+        "class Gemma4TextAttention(nn.Module):",
+        "class Gemma4SelfAttention(nn.Module):",
+    ),
+    "attention forward restructured": (
+        "kv-sharing-without-cache",
+        MODELING,
+        "                past_key_values.shared_layers[self.layer_idx] = key_states, value_states",
+        "                past_key_values.shared_layers.update({self.layer_idx: (key_states, value_states)})",
+    ),
+    "patch embedder renamed": (
+        "input-proj-dequant",
+        MODELING,
+        "class Gemma4VisionPatchEmbedder(nn.Module):",
+        "class Gemma4PatchEmbed(nn.Module):",
+    ),
+}
+
+
+def functions():
+    """The code of every function some rule patches on 5.5.0."""
+    return {
+        "DynamicCache.__init__": transformers.DynamicCache.__init__.__code__,
+        "StaticCache.__init__": transformers.StaticCache.__init__.__code__,
+        "Gemma4TextAttention.forward": modeling_gemma4.Gemma4TextAttention.forward.__code__,
+        "Gemma4TextModel.forward": inspect.unwrap(modeling_gemma4.Gemma4TextModel.forward).__code__,
+        "Gemma4VisionPatchEmbedder.__init__": modeling_gemma4.Gemma4VisionPatchEmbedder.__init__.__code__,
+        "Gemma4VisionPatchEmbedder.forward": modeling_gemma4.Gemma4VisionPatchEmbedder.forward.__code__,
+    }
+
+
+TOUCHED_BY = {
+    "kv-shared-slice": {"DynamicCache.__init__", "StaticCache.__init__"},
+    "kv-sharing-without-cache": {"Gemma4TextAttention.forward", "Gemma4TextModel.forward"},
+    "input-proj-dequant": {"Gemma4VisionPatchEmbedder.__init__", "Gemma4VisionPatchEmbedder.forward"},
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_drift_is_reported_and_only_that_rule_is_left_out(mutation, tmp_path, monkeypatch, caplog):
+    rule, target, old, new = MUTATIONS[mutation]
+    mutated_transformers(tmp_path / "src", monkeypatch, target, old, new)
+    originals = functions()
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = rewriter.compile("gemma4", cache_dir=tmp_path / "cache")
+    assert {o.rule: o.status for o in report.outcomes} == {r.id: "drift" if r.id == rule else "applied" for r in RULES}
+    assert f"rule {rule!r} drifted in {target}: expected {EXPECTED[rule]}" in caplog.text
+    changed = {name for name, code in functions().items() if code is not originals[name]}
+    assert changed == set().union(*(names for other, names in TOUCHED_BY.items() if other != rule)) & set(originals)
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_strict_drift_installs_nothing(mutation, tmp_path, monkeypatch):
+    rule, target, old, new = MUTATIONS[mutation]
+    mutated_transformers(tmp_path / "src", monkeypatch, target, old, new)
+    originals = functions()
+    with pytest.raises(rewriter.RuleDriftError, match=f"rule '{rule}' drifted in {target}: expected"):
+        rewriter.compile("gemma4", cache_dir=tmp_path / "cache", strict=True)
+    assert functions() == originals
+    assert not hasattr(modeling_gemma4, "Gemma4DequantizingLinear")

@@ -1,0 +1,129 @@
+"""Every supported transformers release, told apart: the rule matrix over real sources, and end-to-end installs.
+
+The matrix reads each release's wheel (downloaded once, kept in $REWRITER_WHEEL_DIR) without importing it. The
+end-to-end checks install a release into its own virtual environment, reusing this environment's torch: by
+default the latest supported release (the test environment itself is 5.5.0); set REWRITER_E2E_RELEASES to a
+comma-separated list (for example "5.5.2,5.13.1,5.24.0") or to "all" for more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from rewriter.families import get_family
+from rewriter.releases import SUPPORTED_RELEASES, fetch_wheel
+from tests.conftest import ROOT, run_python
+
+FAMILY = get_family("gemma4")
+
+# BUGS.md's table: which rule each release needs, and at how many sites.
+APPLIED, NOT_NEEDED = "applied", "not_needed"
+MATRIX = {
+    "5.5.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
+    "5.5.1": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
+    "5.5.2": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.8.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.12.1": {"kv-shared-slice": (APPLIED, 1), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.13.1": {"kv-shared-slice": (APPLIED, 1), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.14.0": {"kv-shared-slice": (NOT_NEEDED, 0), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.16.1": {"kv-shared-slice": (NOT_NEEDED, 0), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.20.2": {"kv-shared-slice": (NOT_NEEDED, 0), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.24.0": {"kv-shared-slice": (NOT_NEEDED, 0), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+}
+# input_proj is bare in every release; 5.13.1 and later no longer cast the input to the weight's dtype themselves.
+for release, statuses in MATRIX.items():
+    statuses["input-proj-dequant"] = (APPLIED, 2 if tuple(map(int, release.split("."))) < (5, 13) else 1)
+
+
+def test_the_matrix_covers_every_supported_release():
+    assert tuple(MATRIX) == SUPPORTED_RELEASES
+
+
+def unzipped(version: str, folder: Path) -> Path:
+    with zipfile.ZipFile(fetch_wheel(version)) as wheel:
+        for target in FAMILY.targets:
+            wheel.extract(f"transformers/{target}", folder)
+    return folder / "transformers"
+
+
+@pytest.mark.parametrize("version", SUPPORTED_RELEASES)
+def test_rule_statuses_on_the_real_sources(version, tmp_path):
+    result = run_python("", "-m", "rewriter", "report", "gemma4", "--source-dir", str(unzipped(version, tmp_path)), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcomes = {outcome["rule"]: (outcome["status"], outcome["sites"]) for outcome in json.loads(result.stdout)}
+    assert outcomes == MATRIX[version]
+
+
+def test_a_release_without_gemma4_sources_is_a_clear_error(tmp_path):
+    package = tmp_path / "transformers"
+    with zipfile.ZipFile(fetch_wheel("5.4.0")) as wheel:
+        wheel.extract("transformers/cache_utils.py", tmp_path)
+    result = run_python("", "-m", "rewriter", "report", "gemma4", "--source-dir", str(package))
+    assert result.returncode == 2
+    assert f"the transformers folder {package} has no models/gemma4/modeling_gemma4.py" in " ".join(result.stdout.split())
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_an_installed_transformers_older_than_gemma4_is_a_clear_error(tmp_path):
+    target = tmp_path / "site"
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
+    subprocess.run([*command, str(fetch_wheel("5.4.0"))], check=True)
+    result = run_python("", "-m", "rewriter", "compile", "gemma4", env={"PYTHONPATH": str(target)})
+    assert result.returncode == 2
+    assert "transformers 5.4.0 is installed; gemma4 supports transformers>=5.5,<6" in " ".join(result.stdout.split())
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def e2e_releases() -> list[str]:
+    chosen = os.environ.get("REWRITER_E2E_RELEASES", SUPPORTED_RELEASES[-1])
+    return list(SUPPORTED_RELEASES) if chosen == "all" else [version for version in chosen.split(",") if version]
+
+
+@pytest.fixture(scope="session")
+def rewriter_wheel(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", folder, ROOT], check=True)
+    return next(folder.glob("rewriter-*.whl"))
+
+
+def release_python(version: str, folder: Path, rewriter_wheel: Path) -> Path:
+    """A virtual environment with transformers ``version`` and rewriter, reusing this environment's packages
+    (torch above all) for everything else."""
+    subprocess.run([sys.executable, "-m", "venv", folder], check=True)
+    python = folder / "bin" / "python"
+    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip())
+    (site / "test-environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--no-deps", rewriter_wheel], check=True)
+    subprocess.run([*pip, f"transformers=={version}"], check=True)
+    return python
+
+
+@pytest.mark.parametrize("version", e2e_releases())
+def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
+    python = release_python(version, tmp_path / "venv", rewriter_wheel)
+    check = subprocess.run(
+        [python, ROOT / "tests" / "release_check.py", str(tmp_path / "cache")], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert check.returncode == 0, check.stderr
+    result = json.loads(check.stdout.strip().splitlines()[-1])
+    assert result["transformers"] == version
+    assert result["source"] == "shipped"
+    assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == MATRIX[version]
+    assert result["static_generate_equals_dynamic"]
+    assert result["use_cache_gap"] == 0.0
+    assert result["packed_input_proj_gap"] == 0.0
+    assert all(result["unchanged_where_not_needed"].values()), result["unchanged_where_not_needed"]
+    needed_nothing = {rule for rule, (status, _) in MATRIX[version].items() if status == NOT_NEEDED}
+    expected_parts = ({"cache_utils.py"} if "kv-shared-slice" in needed_nothing else set()) | (
+        {"Gemma4TextAttention", "Gemma4TextModel"} if "kv-sharing-without-cache" in needed_nothing else set()
+    )
+    assert set(result["unchanged_where_not_needed"]) == expected_parts
