@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from rewriter.api import compile, restore  # noqa: E402
+from rewriter.api import attention_graphs, compile, restore  # noqa: E402
 from rewriter.report import (  # noqa: E402
     CompileReport,
     RewriterError,
@@ -17,6 +17,7 @@ __all__ = [
     "RuleDriftError",
     "RuleOutcome",
     "UnsupportedTransformersError",
+    "attention_graphs",
     "compile",
     "restore",
 ]

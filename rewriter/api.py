@@ -6,8 +6,9 @@ import importlib.util
 import linecache
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 
@@ -15,6 +16,9 @@ from rewriter import install as installer
 from rewriter.cache import CacheDir, Entry, check_trusted, entry_key, sha256
 from rewriter.families import Family, get_family, installed_transformers, module_name, read_sources
 from rewriter.report import CompileReport, RuleDriftError, RuleOutcome, drift_message
+
+if TYPE_CHECKING:
+    from rewriter.attention import CompiledAttention
 
 logger = logging.getLogger("rewriter")
 _warned: set[str] = set()
@@ -24,6 +28,19 @@ _warned: set[str] = set()
 class _Active:
     report: CompileReport
     installed: list[installer.Installed]
+    attention: CompiledAttention | None = None
+
+    def set_attention(self, spec: Family, compiled: bool) -> None:
+        """Turn compiled attention on or off; the report says which, and why when it stays eager."""
+        if compiled and self.attention is None:
+            from rewriter.attention import compile_attention  # imports torch
+
+            self.attention, status = compile_attention(module_name(spec.attention[0]), spec.attention[1])
+            self.report = replace(self.report, attention=status)
+        elif not compiled and self.attention is not None:
+            self.attention.uninstall()
+            self.attention = None
+            self.report = replace(self.report, attention="eager")
 
 
 _active: dict[str, _Active] = {}
@@ -35,6 +52,7 @@ def compile(
     cache_dir: str | os.PathLike | None = None,
     strict: bool = False,
     use_shipped: bool = True,
+    compile_attention: bool = False,
 ) -> CompileReport:
     """Rewrite ``family``'s transformers source with its rules, cache it, and install it into the live classes.
 
@@ -43,6 +61,8 @@ def compile(
     and stores the result there, or keeps it in memory when that folder cannot be used. Calling it again with the
     same sources changes nothing. Drift is logged as a warning naming the rule, the file and the shape it
     expected; with ``strict=True`` it raises ``RuleDriftError`` before anything is installed.
+    ``compile_attention=True`` also wraps the family's text attention in ``torch.compile`` (``rewriter.attention``),
+    or says in ``report.attention`` why it stays eager.
     """
     spec = get_family(family)
     version, package = installed_transformers(spec)
@@ -52,6 +72,7 @@ def compile(
     active = _active.get(spec.name)
     if active is not None and active.report.key == key:
         _check_drift(active.report, strict)
+        active.set_attention(spec, compile_attention)
         return active.report
 
     entry, where = _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped)
@@ -68,8 +89,9 @@ def compile(
         for done in reversed(installed):
             installer.uninstall(done)
         raise
-    _active[spec.name] = _Active(report, installed)
-    return report
+    active = _active[spec.name] = _Active(report, installed)
+    active.set_attention(spec, compile_attention)
+    return active.report
 
 
 def restore(family: str) -> bool:
@@ -77,9 +99,17 @@ def restore(family: str) -> bool:
     active = _active.pop(get_family(family).name, None)
     if active is None:
         return False
+    if active.attention is not None:
+        active.attention.uninstall()
     for installed in reversed(active.installed):
         installer.uninstall(installed)
     return True
+
+
+def attention_graphs(family: str) -> list[dict]:
+    """The compiled attention variants of ``family``, why each exists, and their graph counts (none when eager)."""
+    active = _active.get(get_family(family).name)
+    return active.attention.graphs() if active is not None and active.attention is not None else []
 
 
 def build(spec: Family, sources: dict[str, str]) -> tuple[dict[str, str], tuple[RuleOutcome, ...], dict]:

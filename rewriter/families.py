@@ -21,6 +21,7 @@ class Family:
     rules_module: str
     supported: str
     targets: tuple[str, ...]
+    attention: tuple[str, str]  # the file and class of the text attention that ``compile_attention`` compiles
 
     def rules(self) -> tuple:
         """The family's rule classes, in the order they run. Imports LibCST."""
@@ -38,6 +39,7 @@ FAMILIES = {
         rules_module="rewriter.rules.gemma4",
         supported=">=5.5,<6",
         targets=("cache_utils.py", "models/gemma4/modeling_gemma4.py"),
+        attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
     ),
 }
 

@@ -33,6 +33,7 @@ class CompileReport:
     source: Literal["shipped", "user_cache", "compiled", "memory"]
     cache_path: str | None
     outcomes: tuple[RuleOutcome, ...] = field(default_factory=tuple)
+    attention: str = "eager"
 
     def outcome(self, rule: str) -> RuleOutcome:
         for outcome in self.outcomes:

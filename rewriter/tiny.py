@@ -32,6 +32,17 @@ def text_config(num_kv_shared_layers: int, **overrides):
     return Gemma4TextConfig(**{**settings, **overrides})
 
 
+def e2b_text_config(**overrides):
+    """Gemma-4 E2B's layer pattern at tiny widths: 35 layers, four sliding to one full, the last 20 KV-shared."""
+    pattern = (["sliding_attention"] * 4 + ["full_attention"]) * 7
+    return text_config(20, num_hidden_layers=35, layer_types=pattern, **overrides)
+
+
+def layer_pattern_31b(num_hidden_layers: int = 60) -> list[str]:
+    """Gemma-4 31B's layer pattern: five sliding layers to one full, no KV-shared layers."""
+    return (["sliding_attention"] * 5 + ["full_attention"]) * (num_hidden_layers // 6)
+
+
 def vision_config():
     """A multimodal config whose vision tower has a 48-wide ``input_proj`` (3 * 4 * 4 pixels per patch)."""
     from transformers import Gemma4Config
@@ -53,11 +64,11 @@ def vision_config():
     )
 
 
-def causal_lm(num_kv_shared_layers: int, seed: int = 0):
+def causal_lm(num_kv_shared_layers: int, seed: int = 0, config=None):
     from transformers import Gemma4ForCausalLM
 
     torch.manual_seed(seed)
-    return Gemma4ForCausalLM(text_config(num_kv_shared_layers)).eval()
+    return Gemma4ForCausalLM(config or text_config(num_kv_shared_layers)).eval()
 
 
 def input_ids(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""Optional ``torch.compile`` of a family's text attention that stays under dynamo's recompile limit.
+
+Compiling the attention forward once for all layers fails quietly: every layer kind (sliding or full, with other
+head sizes), every cache type and both phases of ``generate`` need their own graph, dynamo counts them all against
+one code object, hits its recompile limit (8) and runs eager. Here each *variant* of a call (layer kind, its role
+in KV sharing, the cache type, prefill or decode, training or not) gets its own copy of the forward's code object,
+so each copy compiles only the graphs of its variant. Cache updates stay eager (a graph break), so layers of one
+kind share their graphs instead of specialising on their index.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import shutil
+from dataclasses import dataclass, field
+from types import FunctionType
+
+import torch
+
+logger = logging.getLogger("rewriter")
+
+
+def why_compile_cannot_run() -> str | None:
+    """Why ``torch.compile`` with inductor cannot run here, or ``None`` when it can."""
+    try:
+        import torch._dynamo
+        from torch._inductor import cpp_builder
+
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile does not support this Python"
+        compiler = cpp_builder.get_cpp_compiler()
+    except Exception as error:  # any import or probe failure means: no compiler stack
+        return f"torch.compile is unavailable: {error}"
+    if shutil.which(compiler) is None:
+        return f"inductor needs a C++ compiler for CPU code and {compiler!r} was not found"
+    return None
+
+
+@dataclass
+class Variant:
+    """One compiled copy of the forward, for one kind of call."""
+
+    why: dict[str, str]
+    function: object
+    code: object
+
+    @property
+    def graphs(self) -> int:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(self.code))
+
+
+@dataclass
+class CompiledAttention:
+    """Gemma4TextAttention.forward, dispatching each call to the compiled copy of its variant."""
+
+    owner: type
+    eager: FunctionType
+    variants: dict[tuple, Variant] = field(default_factory=dict)
+    failure: str | None = None
+
+    def install(self) -> None:
+        from transformers.cache_utils import Cache
+
+        self.eager_update = Cache.update
+        Cache.update = torch.compiler.disable(Cache.update)
+        self.owner.forward = self._dispatcher()
+
+    def uninstall(self) -> None:
+        from transformers.cache_utils import Cache
+
+        Cache.update = self.eager_update
+        self.owner.forward = self.eager
+
+    def graphs(self) -> list[dict]:
+        """Each compiled variant, why it exists, and how many graphs dynamo holds for it."""
+        return [{**variant.why, "graphs": variant.graphs} for variant in self.variants.values()]
+
+    def _dispatcher(self):
+        compiled, eager = self, self.eager
+
+        @functools.wraps(eager)
+        def forward(module, hidden_states, *args, **kwargs):
+            if compiled.failure is not None:
+                return eager(module, hidden_states, *args, **kwargs)
+            cache = kwargs.get("past_key_values", args[2] if len(args) > 2 else None)
+            function = compiled._variant(module, hidden_states, cache).function
+            try:
+                with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+                    return function(module, hidden_states, *args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
+                logger.warning("rewriter: compiled attention failed (%s); running eager", compiled.failure)
+                return eager(module, hidden_states, *args, **kwargs)
+
+        return forward
+
+    def _variant(self, module, hidden_states: torch.Tensor, cache) -> Variant:
+        why = {
+            "layer": getattr(module, "layer_type", None) or "attention",
+            "kv": "shared" if getattr(module, "is_kv_shared_layer", False)
+            else "stores shared" if getattr(module, "store_full_length_kv", False) else "own",
+            "cache": type(cache).__name__ if cache is not None else "none",
+            "phase": "decode" if hidden_states.shape[1] == 1 else "prefill",
+            "mode": "train" if module.training else "eval",
+        }
+        key = tuple(why.values())
+        if key not in self.variants:
+            code = self.eager.__code__.replace()  # a code object of its own: its own dynamo cache and limit
+            copy = FunctionType(code, self.eager.__globals__, self.eager.__name__, self.eager.__defaults__)
+            copy.__kwdefaults__ = self.eager.__kwdefaults__
+            self.variants[key] = Variant(why, torch.compile(copy), code)
+        return self.variants[key]
+
+
+def compile_attention(module_name: str, class_name: str) -> tuple[CompiledAttention | None, str]:
+    """Install compiled attention on ``module_name.class_name``; (installed, status) or (None, why not)."""
+    reason = why_compile_cannot_run()
+    if reason is not None:
+        logger.warning("rewriter: attention stays eager: %s", reason)
+        return None, f"eager ({reason})"
+    owner = getattr(importlib.import_module(module_name), class_name)
+    compiled = CompiledAttention(owner, owner.__dict__["forward"])
+    compiled.install()
+    return compiled, "compiled"
+
+
+def recompile_limit_hits() -> int:
+    """How many times, in this process, dynamo gave up on a function for hitting its recompile limit."""
+    from torch._dynamo.utils import counters
+
+    return sum(count for reason, count in counters["unimplemented"].items() if "recompile limit" in reason.lower())
