@@ -63,16 +63,18 @@ class CompiledAttention:
     failure: str | None = None
 
     def install(self) -> None:
+        """Dispatch the forward; keep cache updates eager; let layer indices vary without new graphs."""
         from transformers.cache_utils import Cache
 
-        self.eager_update = Cache.update
+        self.eager_update, self.unspec_ints = Cache.update, torch._dynamo.config.allow_unspec_int_on_nn_module
         Cache.update = torch.compiler.disable(Cache.update)
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
         self.owner.forward = self._dispatcher()
 
     def uninstall(self) -> None:
         from transformers.cache_utils import Cache
 
-        Cache.update = self.eager_update
+        Cache.update, torch._dynamo.config.allow_unspec_int_on_nn_module = self.eager_update, self.unspec_ints
         self.owner.forward = self.eager
 
     def graphs(self) -> list[dict]:
@@ -87,10 +89,11 @@ class CompiledAttention:
             if compiled.failure is not None:
                 return eager(module, hidden_states, *args, **kwargs)
             cache = kwargs.get("past_key_values", args[2] if len(args) > 2 else None)
-            function = compiled._variant(module, hidden_states, cache).function
+            key = (module.layer_type, module.is_kv_shared_layer, module.store_full_length_kv, type(cache),
+                   hidden_states.shape[1] == 1, module.training)
+            variant = compiled.variants.get(key) or compiled._add_variant(key, module, hidden_states, cache)
             try:
-                with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
-                    return function(module, hidden_states, *args, **kwargs)
+                return variant.function(module, hidden_states, *args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
                 logger.warning("rewriter: compiled attention failed (%s); running eager", compiled.failure)
@@ -98,21 +101,18 @@ class CompiledAttention:
 
         return forward
 
-    def _variant(self, module, hidden_states: torch.Tensor, cache) -> Variant:
+    def _add_variant(self, key: tuple, module, hidden_states: torch.Tensor, cache) -> Variant:
         why = {
-            "layer": getattr(module, "layer_type", None) or "attention",
-            "kv": "shared" if getattr(module, "is_kv_shared_layer", False)
-            else "stores shared" if getattr(module, "store_full_length_kv", False) else "own",
+            "layer": module.layer_type,
+            "kv": "shared" if module.is_kv_shared_layer else "stores shared" if module.store_full_length_kv else "own",
             "cache": type(cache).__name__ if cache is not None else "none",
             "phase": "decode" if hidden_states.shape[1] == 1 else "prefill",
             "mode": "train" if module.training else "eval",
         }
-        key = tuple(why.values())
-        if key not in self.variants:
-            code = self.eager.__code__.replace()  # a code object of its own: its own dynamo cache and limit
-            copy = FunctionType(code, self.eager.__globals__, self.eager.__name__, self.eager.__defaults__)
-            copy.__kwdefaults__ = self.eager.__kwdefaults__
-            self.variants[key] = Variant(why, torch.compile(copy), code)
+        code = self.eager.__code__.replace()  # a code object of its own: its own dynamo cache and recompile limit
+        copy = FunctionType(code, self.eager.__globals__, self.eager.__name__, self.eager.__defaults__)
+        copy.__kwdefaults__ = self.eager.__kwdefaults__
+        self.variants[key] = Variant(why, torch.compile(copy), code)
         return self.variants[key]
 
 

@@ -35,11 +35,14 @@ def outcome_row(outcome: RuleOutcome) -> tuple[str, ...]:
 def compile_command(args, console: Console) -> int:
     import rewriter
 
-    report = rewriter.compile(args.family, cache_dir=args.cache_dir, strict=args.strict)
+    report = rewriter.compile(
+        args.family, cache_dir=args.cache_dir, strict=args.strict, compile_attention=args.compile_attention
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         console.print(report_table(report))
+        console.print(f"attention: {report.attention}")
     return 1 if report.drifted else 0
 
 
@@ -154,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     compile_.add_argument("--json", action="store_true", help="print the report as JSON")
     compile_.add_argument("--strict", action="store_true", help="fail on drift instead of warning")
     compile_.add_argument("--cache-dir", help="cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
+    compile_.add_argument(
+        "--compile-attention", action="store_true", help="also wrap text attention in torch.compile (or say why not)"
+    )
     compile_.set_defaults(run=compile_command)
     diff = commands.add_parser("diff", help="print a unified diff of what each rule changes")
     diff.add_argument("family")
