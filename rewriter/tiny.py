@@ -43,12 +43,19 @@ def layer_pattern_31b(num_hidden_layers: int = 60) -> list[str]:
     return (["sliding_attention"] * 5 + ["full_attention"]) * (num_hidden_layers // 6)
 
 
-def vision_config():
-    """A multimodal config whose vision tower has a 48-wide ``input_proj`` (3 * 4 * 4 pixels per patch)."""
+SPECIAL_TOKENS = dict(
+    image_token_id=255, boi_token_id=254, eoi_token_id=253, video_token_id=252, audio_token_id=251, boa_token_id=250
+)
+
+
+def vision_config(patch_size: int = 4, **text_overrides):
+    """A multimodal config whose vision tower's ``input_proj`` takes 3 * patch_size**2 pixels (48 by default;
+    bitsandbytes on the CPU needs 64 or more to quantize it: ``patch_size=8``). Special tokens fit the vocabulary."""
     from transformers import Gemma4Config
 
     return Gemma4Config(
-        text_config=text_config(0),
+        **SPECIAL_TOKENS,
+        text_config=text_config(0, **text_overrides),
         vision_config=dict(
             hidden_size=64,
             intermediate_size=128,
@@ -56,7 +63,7 @@ def vision_config():
             num_attention_heads=4,
             num_key_value_heads=4,
             head_dim=16,
-            patch_size=4,
+            patch_size=patch_size,
             position_embedding_size=64,
             pooling_kernel_size=2,
         ),
@@ -72,11 +79,19 @@ def causal_lm(num_kv_shared_layers: int, seed: int = 0, config=None):
 
 
 def input_ids(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+    """Random text tokens, none of them special."""
+    return torch.randint(0, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def image_patches(grid: int = 4, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image as the processor hands it over: ``grid * grid`` patches of 48 pixels, and their (x, y) positions."""
-    pixels = torch.rand(1, grid * grid, 48, generator=torch.Generator().manual_seed(seed))
+def image_prompt(soft_tokens: int = 4) -> torch.Tensor:
+    """Text around one image: ``boi``, ``soft_tokens`` image tokens, ``eoi``."""
+    image = [SPECIAL_TOKENS["boi_token_id"], *[SPECIAL_TOKENS["image_token_id"]] * soft_tokens, SPECIAL_TOKENS["eoi_token_id"]]
+    return torch.tensor([[2, 17, 42, *image, 99, 7]])
+
+
+def image_patches(grid: int = 4, seed: int = 2, patch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image as the processor hands it over: ``grid * grid`` patches of 3 * patch_size**2 pixels, and their
+    (x, y) positions. The vision tower pools them into ``(grid // 2) ** 2`` soft tokens."""
+    pixels = torch.rand(1, grid * grid, 3 * patch_size**2, generator=torch.Generator().manual_seed(seed))
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return pixels, torch.stack([xs.flatten(), ys.flatten()], dim=-1).unsqueeze(0)
