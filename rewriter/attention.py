@@ -94,7 +94,7 @@ class CompiledAttention:
             variant = compiled.variants.get(key) or compiled._add_variant(key, module, hidden_states, cache)
             try:
                 return variant.function(module, hidden_states, *args, **kwargs)
-            except torch._dynamo.exc.BackendCompilerFailed as error:
+            except torch._dynamo.exc.TorchDynamoException as error:  # a compiler failure, never a model error
                 compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
                 logger.warning("rewriter: compiled attention failed (%s); running eager", compiled.failure)
                 return eager(module, hidden_states, *args, **kwargs)

@@ -1,7 +1,7 @@
-"""A few DDP steps of the tiny KV-shared model with gradient checkpointing; one JSON line of results per rank.
+"""A few DDP steps of the tiny KV-shared model with gradient checkpointing; each rank writes OUT/rank-N.json.
 
-    python -m torch.distributed.run --nproc-per-node 4 tests/ddp_train.py CACHE_DIR     # gloo on CPU
-    python tests/ddp_train.py CACHE_DIR                                                # one process, no DDP
+    python -m torch.distributed.run --nproc-per-node 4 tests/ddp_train.py CACHE_DIR OUT    # gloo on CPU
+    python tests/ddp_train.py CACHE_DIR OUT                                               # one process, no DDP
 
 Every rank calls ``rewriter.compile("gemma4")`` at start-up against the same (empty) cache folder, as a
 ``torchrun`` job does. Every rank trains on the same batch, so the losses must equal the single-process ones.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,7 @@ for _ in range(3):
     optimizer.zero_grad()
     losses.append(loss.item())
 rank = torch.distributed.get_rank() if distributed else 0
-print(json.dumps({"rank": rank, "losses": losses, "source": report.source}), flush=True)
+result = {"rank": rank, "losses": losses, "source": report.source}
+(Path(sys.argv[2]) / f"rank-{rank}.json").write_text(json.dumps(result))
 if distributed:
     torch.distributed.destroy_process_group()

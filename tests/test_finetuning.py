@@ -103,19 +103,19 @@ def test_prequantized_vision_checkpoint_runs_and_input_proj_is_the_dequantized_l
 
 
 def test_torchrun_ranks_compile_once_and_train_like_one_process(tmp_path):
-    script = str(ROOT / "tests" / "ddp_train.py")
-    cache = tmp_path / "cache"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", script, str(cache)]
-    ranks = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert ranks.returncode == 0, ranks.stderr[-3000:]
-    results = [json.loads(line) for line in ranks.stdout.splitlines() if line.startswith("{")]
-    assert sorted(result["rank"] for result in results) == [0, 1, 2, 3]
-    single = run_python("", script, str(tmp_path / "single-cache"))
+    script, cache = str(ROOT / "tests" / "ddp_train.py"), tmp_path / "cache"
+    ranks, alone = tmp_path / "ranks", tmp_path / "alone"
+    ranks.mkdir(), alone.mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", script, str(cache), str(ranks)]
+    result = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_python("", script, str(tmp_path / "single-cache"), str(alone))
     assert single.returncode == 0, single.stderr[-3000:]
-    (alone,) = [json.loads(line) for line in single.stdout.splitlines() if line.startswith("{")]
-    for result in results:
-        assert result["losses"] == pytest.approx(alone["losses"], rel=1e-6, abs=0)
-        assert result["losses"][0] == alone["losses"][0]
+    reference = json.loads((alone / "rank-0.json").read_text())["losses"]
+    results = [json.loads((ranks / f"rank-{rank}.json").read_text()) for rank in range(4)]
+    for rank in results:
+        assert rank["losses"][0] == reference[0]
+        assert rank["losses"] == pytest.approx(reference, rel=1e-6, abs=0)
     assert len([path for path in cache.iterdir() if len(path.name) == 64]) == 1
 
 
