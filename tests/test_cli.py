@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from rewriter.releases import SUPPORTED_RELEASES
 from tests.conftest import run_python
 
 
@@ -65,3 +66,21 @@ def test_compile_attention_flag_reports_the_attention(cache_dir):
     code, out, err = rewriter_cli("compile", "gemma4", "--compile-attention", "--json", cache_dir=cache_dir)
     assert code == 0, err
     assert json.loads(out)["attention"] == "compiled"
+
+
+def test_cache_info_verify_and_clear(cache_dir):
+    env = {"REWRITER_NO_SHIPPED": "1"}
+    assert rewriter_cli("compile", "gemma4", cache_dir=cache_dir, env=env)[0] == 0
+    code, out, err = rewriter_cli("cache", "info", cache_dir=cache_dir)
+    assert code == 0, err
+    assert "installed transformers: 5.5.0" in out and str(cache_dir) in out
+    (entry,) = [path for path in cache_dir.iterdir() if len(path.name) == 64]
+    code, out, _ = rewriter_cli("cache", "verify", cache_dir=cache_dir)
+    entries = len(SUPPORTED_RELEASES) + 1  # the shipped ones and this one
+    assert code == 0 and f"{entries} of {entries} entries check" in out
+    (entry / "transformers" / "cache_utils.py").write_text("# planted\n")
+    code, out, _ = rewriter_cli("cache", "verify", cache_dir=cache_dir)
+    assert code == 1 and f"bad user entry {entry}: cache_utils.py does not match its sha256" in out
+    code, out, _ = rewriter_cli("cache", "clear", cache_dir=cache_dir)
+    assert code == 0 and f"removed 1 entries from {cache_dir}" in out
+    assert not entry.exists()
