@@ -66,18 +66,20 @@ class CacheDir:
         self.root = root
         self.shipped = shipped
 
+    def read(self, key: str) -> Entry:
+        """The entry ``key``, checked; ``OSError``, ``ValueError``, ``KeyError`` or ``TypeError`` says why not."""
+        if not self.shipped:
+            check_trusted(self.root)
+        return read_entry(self.root / key, key, check=not self.shipped)
+
     def load(self, key: str) -> Entry | None:
-        folder = self.root / key
+        """The entry ``key``, or ``None`` on a miss; a bad entry is a logged miss."""
         try:
-            if not self.shipped:
-                check_trusted(self.root)
-                if not os.path.lexists(folder):
-                    return None
-            return read_entry(folder, key, check=not self.shipped)
+            return self.read(key)
         except (FileNotFoundError, NotADirectoryError):  # no entry: a plain miss
             return None
         except (OSError, ValueError, KeyError, TypeError) as error:
-            logger.warning("rewriter: not using cache entry %s: %s", folder, error)
+            logger.warning("rewriter: not using cache entry %s: %s", self.root / key, error)
             return None
 
     def store(self, key, texts: dict[str, str], outcomes, patches: dict[str, ModulePatch], components, *, release=""):
@@ -132,22 +134,13 @@ class CacheDir:
     def verify(self, key: str) -> str | None:
         """Why the entry ``key`` cannot be trusted, or ``None`` when it checks."""
         try:
-            if not self.shipped:
-                check_trusted(self.root)
-            read_entry(self.root / key, key, check=not self.shipped)
+            self.read(key)
         except (OSError, ValueError, KeyError, TypeError) as error:
             return str(error)
         return None
 
     def size(self) -> int:
         return sum(path.stat().st_size for key in self.keys() for path in (self.root / key).rglob("*") if path.is_file())
-
-    def release(self, key: str) -> str:
-        """The transformers release an entry was built for, as its manifest says."""
-        try:
-            return json.loads((self.root / key / MANIFEST).read_text()).get("transformers", "")
-        except (OSError, ValueError):
-            return ""
 
     def remove(self, key: str) -> None:
         _remove(self.root / key)

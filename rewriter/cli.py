@@ -19,17 +19,18 @@ STATUS_STYLE = {"applied": "green", "not_needed": "cyan", "drift": "bold red"}
 
 
 def report_table(report: CompileReport) -> Table:
-    table = Table(title=f"rewriter {report.family}: transformers {report.transformers_version}, from {report.source}")
+    title = f"rewriter {report.family}: transformers {report.transformers_version}, from {report.source}"
+    return outcomes_table(title, report.outcomes)
+
+
+def outcomes_table(title: str, outcomes: tuple[RuleOutcome, ...]) -> Table:
+    table = Table(title=title)
     for column in ("rule", "file", "status", "sites", "detail"):
         table.add_column(column)
-    for outcome in report.outcomes:
-        table.add_row(*outcome_row(outcome))
+    for outcome in outcomes:
+        style = STATUS_STYLE[outcome.status]
+        table.add_row(outcome.rule, outcome.file, f"[{style}]{outcome.status}[/]", str(outcome.sites), outcome.detail)
     return table
-
-
-def outcome_row(outcome: RuleOutcome) -> tuple[str, ...]:
-    style = STATUS_STYLE[outcome.status]
-    return outcome.rule, outcome.file, f"[{style}]{outcome.status}[/]", str(outcome.sites), outcome.detail
 
 
 def compile_command(args, console: Console) -> int:
@@ -75,12 +76,8 @@ def report_command(args, console: Console) -> int:
     if args.json:
         print(json.dumps([asdict(outcome) for outcome in outcomes], indent=2))
     else:
-        table = Table(title=f"rewriter {family.name}: rules on {args.source_dir or 'the installed transformers'}")
-        for column in ("rule", "file", "status", "sites", "detail"):
-            table.add_column(column)
-        for outcome in outcomes:
-            table.add_row(*outcome_row(outcome))
-        console.print(table)
+        where = args.source_dir or "the installed transformers"
+        console.print(outcomes_table(f"rewriter {family.name}: rules on {where}", outcomes))
     return 1 if any(outcome.status == "drift" for outcome in outcomes) else 0
 
 
