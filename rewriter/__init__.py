@@ -1,8 +1,8 @@
-"""A source-rewriting compiler cache that makes transformers' Gemma-4 models correct, with no runtime wrappers."""
+"""A source-rewriting compiler cache that makes transformers' Gemma models correct, with no runtime wrappers."""
 
 __version__ = "0.1.0"
 
-from rewriter.api import attention_graphs, compile, restore  # noqa: E402
+from rewriter.api import attention_graphs, compile, compile_on_import, compiled, restore  # noqa: E402
 from rewriter.report import (  # noqa: E402
     CompileReport,
     RewriterError,
@@ -19,5 +19,7 @@ __all__ = [
     "UnsupportedTransformersError",
     "attention_graphs",
     "compile",
+    "compile_on_import",
+    "compiled",
     "restore",
 ]

@@ -1,4 +1,4 @@
-"""``rewriter.compile`` and ``rewriter.restore``: patch a model family's transformers code at start-up."""
+"""``rewriter.compile``, ``compile_on_import`` and ``restore``: patch model families' transformers code at start-up."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 import platformdirs
 
 from rewriter import install as installer
+from rewriter import onimport
 from rewriter.cache import CacheDir, Entry, check_trusted, entry_key, sha256
-from rewriter.families import Family, get_family, installed_transformers, module_name, read_sources
+from rewriter.families import FAMILIES, Family, get_family, installed_transformers, module_name, read_sources
 from rewriter.report import CompileReport, RuleDriftError, RuleOutcome, drift_message
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ def compile(
     or says in ``report.attention`` why it stays eager.
     """
     spec = get_family(family)
+    if compile_attention and spec.attention is None:
+        raise ValueError(f"{spec.name} has no compiled attention; families with one: {', '.join(_with_attention())}")
     version, package = installed_transformers(spec)
     sources = read_sources(spec, package)
     components = key_components(spec, sources)
@@ -94,9 +97,32 @@ def compile(
     return active.report
 
 
+def compile_on_import(*families: str, **options) -> dict[str, CompileReport]:
+    """Compile each family (default: every family) when the program imports its modeling module, at once for those
+    it already imported; the reports of those come back, the others are ``compiled(family)`` once imported.
+
+    ``options`` are ``compile``'s. A family's patch runs right after transformers imports its module and before
+    the import returns, so no model is built unpatched; a family whose module is never imported costs nothing.
+    Errors (drift under ``strict``, an unsupported transformers) surface from that import.
+    """
+    specs = [get_family(name) for name in families or FAMILIES]
+    for spec in specs:
+        onimport.when_imported(spec.modeling_module, lambda module, name=spec.name: compile(name, **options))
+    return {spec.name: _active[spec.name].report for spec in specs if spec.name in _active}
+
+
+def compiled(family: str) -> CompileReport | None:
+    """The report of ``family``'s installed patch, or ``None`` while it is not installed."""
+    active = _active.get(get_family(family).name)
+    return active.report if active is not None else None
+
+
 def restore(family: str) -> bool:
-    """Put back the original code of ``family``'s classes; ``False`` if nothing was installed."""
-    active = _active.pop(get_family(family).name, None)
+    """Put back the original code of ``family``'s classes and stop patching it on import; ``False`` if nothing
+    was installed."""
+    spec = get_family(family)
+    onimport.forget(spec.modeling_module)
+    active = _active.pop(spec.name, None)
     if active is None:
         return False
     if active.attention is not None:
@@ -170,6 +196,10 @@ def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipp
         except OSError as error:
             _warn_once(str(user.root), f"rewriter: cache folder {user.root} is not writable ({error}); compiling in memory")
             return Entry(user.root / key, texts, outcomes, patches), "memory"
+
+
+def _with_attention() -> list[str]:
+    return [name for name, spec in FAMILIES.items() if spec.attention is not None]
 
 
 def _warn_once(what: str, message: str) -> None:

@@ -1,4 +1,4 @@
-"""``python -m rewriter``: compile, diff and demo from the command line."""
+"""``python -m rewriter``: compile, diff, report, scan, the caches and the demo from the command line."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def transformers_folder(family, source_dir: str | None) -> Path:
 def cache_command(args, console: Console) -> int:
     from rewriter.api import key_components, shipped_cache, user_cache
     from rewriter.cache import entry_key
-    from rewriter.families import get_family, installed_transformers, read_sources
+    from rewriter.families import FAMILIES, installed_transformers, installed_version, read_sources
 
     locations = {"shipped": shipped_cache(), "user": user_cache(args.cache_dir)}
     if args.action == "clear":
@@ -109,34 +109,48 @@ def cache_command(args, console: Console) -> int:
         checked = sum(len(cache.keys()) for cache in locations.values())
         console.print(f"{checked - len(bad)} of {checked} entries check")
         return 1 if bad else 0
-    family = get_family("gemma4")
-    try:
-        version, package = installed_transformers(family)
-        key = entry_key(key_components(family, read_sources(family, package)))
-    except RewriterError as error:
-        version, key = str(error), None
-    table = Table(title=f"rewriter caches; installed transformers: {version}")
-    for column in ("location", "folder", "entries", "bytes", "entry for the installed release"):
+    keys = {}
+    for name, family in FAMILIES.items():
+        try:
+            version, package = installed_transformers(family)
+            keys[name] = entry_key(key_components(family, read_sources(family, package)))
+        except RewriterError:
+            pass
+    table = Table(title=f"rewriter caches; installed transformers: {installed_version()}")
+    for column in ("location", "folder", "entries", "bytes", "entries for the installed release"):
         table.add_column(column)
     for name, cache in locations.items():
-        hit = "yes" if key in cache.keys() else "no"
-        table.add_row(name, str(cache.root), str(len(cache.keys())), f"{cache.size():,}", hit)
+        hits = ", ".join(family for family, key in keys.items() if key in cache.keys()) or "none"
+        table.add_row(name, str(cache.root), str(len(cache.keys())), f"{cache.size():,}", hits)
     console.print(table)
     return 0
 
 
 def prebuild_command(args, console: Console) -> int:
-    from pathlib import Path
-
     from rewriter.api import shipped_cache
-    from rewriter.families import get_family
     from rewriter.prebuild import prebuild
-    from rewriter.releases import SUPPORTED_RELEASES
 
     out = Path(args.out) if args.out else shipped_cache().root
-    keys = prebuild(get_family("gemma4"), out, args.releases or list(SUPPORTED_RELEASES))
-    for release, key in keys.items():
-        console.print(f"transformers {release}: {out / key}")
+    for family, release, key in prebuild(out, args.releases or None):
+        console.print(f"{family} on transformers {release}: {out / key}")
+    return 0
+
+
+def scan_command(args, console: Console) -> int:
+    """Where a known buggy shape appears in a transformers tree, for every family, patched by rewriter or not."""
+    from rewriter.engine import scan
+    from rewriter.families import installed_package
+
+    found = scan(Path(args.source_dir) if args.source_dir else installed_package())
+    if args.json:
+        print(json.dumps([{"rule": o.rule, "file": o.file, "sites": o.sites} for o in found], indent=2))
+    else:
+        table = Table(title=f"known buggy shapes in {args.source_dir or 'the installed transformers'}")
+        for column in ("rule", "file", "sites"):
+            table.add_column(column)
+        for outcome in found:
+            table.add_row(outcome.rule, outcome.file, str(outcome.sites))
+        console.print(table)
     return 0
 
 
@@ -171,11 +185,15 @@ def parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=("info", "verify", "clear"))
     cache.add_argument("--cache-dir", help="user cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
     cache.set_defaults(run=cache_command)
-    prebuild = commands.add_parser("prebuild", help="generate the shipped entries for the supported releases")
-    prebuild.add_argument("releases", nargs="*", help="versions or wheel paths (default: every supported release)")
+    scan = commands.add_parser("scan", help="list every file of a transformers tree with a buggy shape a rule knows")
+    scan.add_argument("--source-dir", help="a transformers package folder (an unzipped wheel) instead of the installed")
+    scan.add_argument("--json", action="store_true", help="print the findings as JSON")
+    scan.set_defaults(run=scan_command)
+    prebuild = commands.add_parser("prebuild", help="generate the shipped entries for every family's releases")
+    prebuild.add_argument("releases", nargs="*", help="versions or wheel paths (default: every family's releases)")
     prebuild.add_argument("--out", help="folder to write (default: the package's compiled_cache)")
     prebuild.set_defaults(run=prebuild_command)
-    demo = commands.add_parser("demo", help="show each Gemma-4 bug unpatched, compile, and show it fixed")
+    demo = commands.add_parser("demo", help="show each Gemma bug unpatched, compile, and show it fixed")
     demo.set_defaults(run=demo_command)
     return main
 

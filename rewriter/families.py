@@ -15,30 +15,70 @@ from rewriter.report import UnsupportedTransformersError
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its rules module, the transformers releases it supports, and the files its rules rewrite."""
+    """A model family: the transformers releases it supports, and the files it patches with the rules bound to each.
+
+    ``files`` maps each file (relative to the transformers package) to the rules that run on it, in order, as
+    ``"module:Class"`` names, so that reading a family never imports LibCST. One rule class serves every file that
+    has its bug, in any family. ``releases`` are the releases the rules are checked against and shipped for.
+    """
 
     name: str
-    rules_module: str
     supported: str
-    targets: tuple[str, ...]
-    attention: tuple[str, str]  # the file and class of the text attention that ``compile_attention`` compiles
+    releases: tuple[str, ...]
+    files: dict[str, tuple[str, ...]]
+    attention: tuple[str, str] | None = None  # the file and class of the text attention ``compile_attention`` compiles
 
-    def rules(self) -> tuple:
-        """The family's rule classes, in the order they run. Imports LibCST."""
-        return importlib.import_module(self.rules_module).RULES
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    @property
+    def modeling_module(self) -> str:
+        """The module whose import means the program uses this family."""
+        return module_name(next(target for target in self.files if target.startswith("models/")))
+
+    def rules(self) -> tuple[tuple[str, type], ...]:
+        """``(file, rule class)`` in the order they run. Imports LibCST."""
+        return tuple((target, _load(rule)) for target, rules in self.files.items() for rule in rules)
 
     def code_files(self) -> tuple[Path, ...]:
         """The files whose text decides a cache entry's content: the rules, and the engine that runs and plans them."""
-        modules = (self.rules_module, "rewriter.rule", "rewriter.engine", "rewriter.install")
+        rule_modules = dict.fromkeys(rule.partition(":")[0] for rules in self.files.values() for rule in rules)
+        modules = (*rule_modules, "rewriter.rule", "rewriter.engine", "rewriter.install")
         return tuple(Path(importlib.util.find_spec(name).origin) for name in modules)
 
 
+def _load(rule: str) -> type:
+    module, _, name = rule.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
 FAMILIES = {
+    "gemma3": Family(
+        name="gemma3",
+        supported=">=4.53,<6",
+        releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
+        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER,)},
+    ),
+    "gemma3n": Family(
+        name="gemma3n",
+        supported=">=4.53,<6",
+        releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
+        files={"models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER,)},
+    ),
     "gemma4": Family(
         name="gemma4",
-        rules_module="rewriter.rules.gemma4",
         supported=">=5.5,<6",
-        targets=("cache_utils.py", "models/gemma4/modeling_gemma4.py"),
+        releases=("5.5.0", "5.5.1", "5.5.2", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
+        files={
+            "cache_utils.py": ("rewriter.rules.gemma4:KVSharedSliceRule",),
+            "models/gemma4/modeling_gemma4.py": (
+                "rewriter.rules.gemma4:KVSharingWithoutCacheRule",
+                "rewriter.rules.gemma4:InputProjDequantRule",
+                ROTARY_BUFFER_ORDER,
+            ),
+        },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
     ),
 }
@@ -56,14 +96,25 @@ def module_name(target: str) -> str:
     return "transformers." + target.removesuffix(".py").replace("/", ".")
 
 
+def installed_version() -> str | None:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def installed_package() -> Path:
+    """The installed transformers package folder, found without importing it."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedTransformersError("transformers is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def installed_transformers(family: Family) -> tuple[str, Path]:
     """The installed transformers version and package folder, checked against what ``family`` supports."""
-    try:
-        version = importlib.metadata.version("transformers")
-        spec = importlib.util.find_spec("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+    version = installed_version()
+    if version is None or importlib.util.find_spec("transformers") is None:
         raise UnsupportedTransformersError(
             f"transformers is not installed; {family.name} needs transformers{family.supported}"
         )
@@ -71,7 +122,7 @@ def installed_transformers(family: Family) -> tuple[str, Path]:
         raise UnsupportedTransformersError(
             f"transformers {version} is installed; {family.name} supports transformers{family.supported}"
         )
-    package = Path(next(iter(spec.submodule_search_locations)))
+    package = installed_package()
     check_sources(family, package, f"transformers {version} at {package}")
     return version, package
 

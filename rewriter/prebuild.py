@@ -1,33 +1,39 @@
-"""``python -m rewriter prebuild``: generate the shipped cache entries, one per supported transformers release."""
+"""``python -m rewriter prebuild``: generate the shipped cache entries, one per family and supported release."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
 
 from rewriter.api import build, key_components
 from rewriter.cache import CacheDir, entry_key
-from rewriter.families import Family
+from rewriter.families import FAMILIES
 from rewriter.releases import fetch_wheel, wheel_sources, wheel_version
 
 
-def prebuild(family: Family, out: Path, releases: list[str]) -> dict[str, str]:
-    """Write an entry for each release (a version or a wheel path) into ``out``; remove entries of no release.
+def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str, str, str]]:
+    """Write an entry for each family on each release (a version or a wheel path) it supports into ``out``.
 
-    Output depends only on the wheels and this code: an entry already present and verified is left untouched.
-    Returns ``{release version: key}``.
+    Without ``releases``: every family's own releases, and entries of no family and release are removed. Output
+    depends only on the wheels and this code: an entry already present and verified is left untouched.
+    Yields ``(family, release version, key)`` as each entry is ready.
     """
     cache = CacheDir(out, shipped=True)
-    keys = {}
-    for release in releases:
-        wheel = Path(release) if release.endswith(".whl") else fetch_wheel(release)
-        sources = wheel_sources(wheel, family.targets)
-        components = key_components(family, sources)
-        key = entry_key(components)
-        keys[wheel_version(wheel)] = key
-        if key in cache.keys() and cache.verify(key) is None:
-            continue
-        texts, outcomes, patches = build(family, sources)
-        cache.store(key, texts, outcomes, patches, components, release=wheel_version(wheel))
-    for stale in set(cache.keys()) - set(keys.values()):
-        cache.remove(stale)
-    return keys
+    keys = set()
+    for family in FAMILIES.values():
+        for release in releases or family.releases:
+            wheel = Path(release) if release.endswith(".whl") else fetch_wheel(release)
+            if wheel_version(wheel) not in SpecifierSet(family.supported):
+                continue
+            sources = wheel_sources(wheel, family.targets)
+            components = key_components(family, sources)
+            key = entry_key(components)
+            keys.add(key)
+            if key not in cache.keys() or cache.verify(key) is not None:
+                cache.store(key, *build(family, sources), components, release=wheel_version(wheel))
+            yield family.name, wheel_version(wheel), key
+    if releases is None:
+        for stale in set(cache.keys()) - keys:
+            cache.remove(stale)

@@ -10,10 +10,6 @@ from pathlib import Path
 
 import platformdirs
 
-# Every release the rules are checked against (see BUGS.md); the last is the latest 5.x.
-SUPPORTED_RELEASES = ("5.5.0", "5.5.1", "5.5.2", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0")
-
-
 def wheel_dir() -> Path:
     return Path(os.environ.get("REWRITER_WHEEL_DIR") or platformdirs.user_cache_dir("rewriter-wheels"))
 

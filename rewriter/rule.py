@@ -14,20 +14,21 @@ from rewriter.report import RuleOutcome
 
 
 class Rule(m.MatcherDecoratableTransformer):
-    """One bug fix. A fresh instance visits one module once.
+    """One bug fix. A fresh instance visits one module once; which files a rule visits is the families' business
+    (``rewriter.families``), so one rule serves every file that has its bug.
 
-    Subclasses name the bug (``id``), the file they rewrite (``target``, relative to the transformers package),
-    the top-level definitions they read (``scope``, a matcher: the rest of the file is not visited, which keeps a
-    cold compile cheap) and the buggy shape they look for (``expected``, quoted in drift messages). While visiting they call
-    ``rewrote()`` for each buggy place they fix, ``found_fixed()`` when they see the shape upstream already
-    fixed, and ``drift(why)`` when a shape is only half recognised. ``check()`` runs after the visit.
+    Subclasses name the bug (``id``), text that every buggy file contains (``marker``: ``scan`` parses
+    no other file), the top-level definitions they read (``scope``, a matcher: the rest of the file is not visited,
+    which keeps a cold compile cheap) and the buggy shape they look for (``expected``, quoted in drift messages).
+    While visiting they call ``rewrote()`` for each buggy place they fix, ``found_fixed()`` when they see the shape
+    upstream already fixed, and ``drift(why)`` when a shape is only half recognised. ``check()`` runs after the visit.
 
     Each rule carries samples that the tests turn into cases: ``BUGGY`` becomes ``PATCHED``; every ``FIXED``
     snippet is reported ``not_needed``; every ``DRIFTED`` snippet is reported ``drift`` and left unchanged.
     """
 
     id: ClassVar[str]
-    target: ClassVar[str]
+    marker: ClassVar[str]
     scope: ClassVar[m.BaseMatcherNode]
     expected: ClassVar[str]
     BUGGY: ClassVar[str]
@@ -53,8 +54,8 @@ class Rule(m.MatcherDecoratableTransformer):
     def check(self) -> None:
         """After the visit: record, with ``drift``, the parts of a multi-part fix that were not all found."""
 
-    def apply(self, module: cst.Module) -> tuple[cst.Module, RuleOutcome]:
-        """Rewrite ``module``; on anything but ``applied`` the module comes back unchanged."""
+    def apply(self, module: cst.Module, file: str = "") -> tuple[cst.Module, RuleOutcome]:
+        """Rewrite ``module`` (the transformers ``file``); on anything but ``applied`` it comes back unchanged."""
         self.module = module
         body: list[cst.BaseStatement] = []
         for statement in module.body:
@@ -63,11 +64,11 @@ class Rule(m.MatcherDecoratableTransformer):
         updated = module.with_changes(body=body)
         self.check()
         if self.problems:
-            outcome = RuleOutcome(self.id, "drift", 0, self.target, f"expected {self.expected}; " + "; ".join(self.problems))
+            outcome = RuleOutcome(self.id, "drift", 0, file, f"expected {self.expected}; " + "; ".join(self.problems))
         elif self.sites:
-            return updated, RuleOutcome(self.id, "applied", self.sites, self.target)
+            return updated, RuleOutcome(self.id, "applied", self.sites, file)
         elif self.has_fixed_shape:
-            outcome = RuleOutcome(self.id, "not_needed", 0, self.target, "the release already has the fixed shape")
+            outcome = RuleOutcome(self.id, "not_needed", 0, file, "the release already has the fixed shape")
         else:
-            outcome = RuleOutcome(self.id, "drift", 0, self.target, f"expected {self.expected}; found neither it nor the fixed shape")
+            outcome = RuleOutcome(self.id, "drift", 0, file, f"expected {self.expected}; found neither it nor the fixed shape")
         return module, outcome

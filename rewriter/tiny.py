@@ -1,4 +1,4 @@
-"""Tiny random-weight Gemma-4 models that reproduce every bug on a CPU in seconds (see BUGS.md).
+"""Tiny random-weight Gemma models that reproduce every bug on a CPU in seconds (see BUGS.md).
 
 Shared by the demo, the tests, the benchmarks and the fixture scripts; the layer pattern alternates sliding and
 full attention, and full layers have a larger head_dim than sliding ones, as in the real checkpoints.
@@ -76,6 +76,61 @@ def causal_lm(num_kv_shared_layers: int, seed: int = 0, config=None):
 
     torch.manual_seed(seed)
     return Gemma4ForCausalLM(config or text_config(num_kv_shared_layers)).eval()
+
+
+def gemma3_text_config(**overrides):
+    """A Gemma-3 text model: six layers, two sliding to one full, window 8."""
+    from transformers import Gemma3TextConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=512,
+    )
+    return Gemma3TextConfig(**{**settings, **overrides})
+
+
+def gemma3n_text_config(num_kv_shared_layers: int = 2, **overrides):
+    """A Gemma-3n text model: six layers, two sliding to one full, window 8, the last ``num_kv_shared_layers``
+    KV-shared (BUGS.md)."""
+    from transformers import Gemma3nTextConfig
+
+    settings = dict(
+        vocab_size=256,
+        vocab_size_per_layer_input=256,
+        hidden_size=64,
+        hidden_size_per_layer_input=16,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=8,
+        num_kv_shared_layers=num_kv_shared_layers,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        laurel_rank=8,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * 6,
+        max_position_embeddings=512,
+    )
+    return Gemma3nTextConfig(**{**settings, **overrides})
+
+
+def text_model(family: str, seed: int = 0):
+    """A tiny causal language model of ``family`` (``gemma3``, ``gemma3n`` or ``gemma4``), in eval mode."""
+    import transformers
+
+    configs = {"gemma3": gemma3_text_config, "gemma3n": gemma3n_text_config, "gemma4": lambda: text_config(2)}
+    classes = {"gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM", "gemma4": "Gemma4ForCausalLM"}
+    torch.manual_seed(seed)
+    return getattr(transformers, classes[family])(configs[family]()).eval()
 
 
 def input_ids(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:

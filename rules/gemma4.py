@@ -1,4 +1,4 @@
-"""Rules that fix Gemma-4 in transformers 5.5.x, in the order they run."""
+"""Rules for bugs of Gemma-4's own code in transformers 5.5.x (their files: ``rewriter.families``)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class KVSharedSliceRule(Rule):
     """``seq[: -n]`` is ``seq[:0] == []`` when ``n == 0``: caches for Gemma-4 31B and 26B-A4B get no layers."""
 
     id = "kv-shared-slice"
-    target = "cache_utils.py"
+    marker = "num_kv_shared_layers"
     scope = CACHE_CLASS | m.FunctionDef()  # cache constructors and helpers build the layer list, layers never do
     expected = "`seq[: -config.num_kv_shared_layers]` outside a guard that the count is positive"
 
@@ -226,7 +226,7 @@ class KVSharingWithoutCacheRule(Rule):
     """
 
     id = "kv-sharing-without-cache"
-    target = "models/gemma4/modeling_gemma4.py"
+    marker = "is_kv_shared_layer"
     scope = IN_ATTENTION | IN_TEXT_MODEL
     expected = "Gemma4TextAttention.forward reading `past_key_values.shared_layers[...]` only when a cache is given"
 
@@ -456,7 +456,7 @@ class InputProjDequantRule(Rule):
     """``Gemma4VisionPatchEmbedder.input_proj`` is a bare ``nn.Linear``: a packed 4-bit weight crashes its matmul."""
 
     id = "input-proj-dequant"
-    target = "models/gemma4/modeling_gemma4.py"
+    marker = "input_proj"
     scope = IN_PATCH_EMBEDDER
     expected = "`self.input_proj = nn.Linear(...)` in Gemma4VisionPatchEmbedder.__init__"
 
@@ -531,5 +531,3 @@ class InputProjDequantRule(Rule):
         if self.parts and self.parts["constructor"] != 1:
             self.drift("Gemma4VisionPatchEmbedder must build `input_proj` exactly once with `nn.Linear(...)`")
 
-
-RULES: tuple[type[Rule], ...] = (KVSharedSliceRule, KVSharingWithoutCacheRule, InputProjDequantRule)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import rewriter
+from rewriter.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def unpatched():
     """Tests run against the real installed transformers; whatever a test patches is restored after it."""
-    rewriter.restore("gemma4")
+    for family in FAMILIES:
+        rewriter.restore(family)
     yield
-    rewriter.restore("gemma4")
+    for family in FAMILIES:
+        rewriter.restore(family)
 
 
 @pytest.fixture

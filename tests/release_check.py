@@ -74,6 +74,13 @@ def main(cache_dir: str) -> dict:
             forward = inspect.unwrap(getattr(modeling_gemma4, name).forward)
             unchanged[name] = same_text and forward.__code__.co_filename == str(package / target)
     result["unchanged_where_not_needed"] = unchanged
+
+    for family in ("gemma3", "gemma3n"):
+        rewriter.compile(family, cache_dir=cache_dir, strict=True)
+    result["rotary_buffer_orders"] = {
+        family: [name for name, _ in tiny.text_model(family).named_buffers() if "inv_freq" in name]
+        for family in ("gemma3", "gemma3n", "gemma4")
+    }
     return result
 
 

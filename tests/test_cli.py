@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rewriter.releases import SUPPORTED_RELEASES
+from rewriter.api import shipped_cache
 from tests.conftest import run_python
 
 
@@ -22,6 +22,7 @@ def test_compile_json(cache_dir):
         ("kv-shared-slice", "applied", 2),
         ("kv-sharing-without-cache", "applied", 2),
         ("input-proj-dequant", "applied", 2),
+        ("rotary-buffer-order", "applied", 1),
     ]
     assert report["source"] == "shipped"
 
@@ -52,7 +53,7 @@ def test_diff_shows_each_rule_change(cache_dir):
 def test_unknown_family_is_a_clear_error(cache_dir):
     code, out, _ = rewriter_cli("compile", "nope", cache_dir=cache_dir)
     assert code == 2
-    assert "unknown model family 'nope'; known families: gemma4" in out
+    assert "unknown model family 'nope'; known families: gemma3, gemma3n, gemma4" in out
 
 
 def test_demo_shows_every_bug_then_fixes_it(cache_dir):
@@ -76,7 +77,7 @@ def test_cache_info_verify_and_clear(cache_dir):
     assert "installed transformers: 5.5.0" in out and str(cache_dir) in out
     (entry,) = [path for path in cache_dir.iterdir() if len(path.name) == 64]
     code, out, _ = rewriter_cli("cache", "verify", cache_dir=cache_dir)
-    entries = len(SUPPORTED_RELEASES) + 1  # the shipped ones and this one
+    entries = len(shipped_cache().keys()) + 1  # the shipped ones and this one
     assert code == 0 and f"{entries} of {entries} entries check" in out
     (entry / "transformers" / "cache_utils.py").write_text("# planted\n")
     code, out, _ = rewriter_cli("cache", "verify", cache_dir=cache_dir)

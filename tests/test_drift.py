@@ -15,9 +15,10 @@ import transformers
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
-from rewriter.rules.gemma4 import RULES
+from rewriter.families import FAMILIES
 from tests.conftest import mutated_transformers
 
+RULES = [rule for _, rule in FAMILIES["gemma4"].rules()]
 CACHE_UTILS, MODELING = "cache_utils.py", "models/gemma4/modeling_gemma4.py"
 EXPECTED = {rule.id: rule.expected for rule in RULES}
 
@@ -46,6 +47,12 @@ MUTATIONS = {
         "class Gemma4VisionPatchEmbedder(nn.Module):",
         "class Gemma4PatchEmbed(nn.Module):",
     ),
+    "rotary layer types kept in a frozenset": (
+        "rotary-buffer-order",
+        MODELING,
+        "self.layer_types = set(config.layer_types)",
+        "self.layer_types = frozenset(config.layer_types)",
+    ),
 }
 
 
@@ -58,6 +65,7 @@ def functions():
         "Gemma4TextModel.forward": inspect.unwrap(modeling_gemma4.Gemma4TextModel.forward).__code__,
         "Gemma4VisionPatchEmbedder.__init__": modeling_gemma4.Gemma4VisionPatchEmbedder.__init__.__code__,
         "Gemma4VisionPatchEmbedder.forward": modeling_gemma4.Gemma4VisionPatchEmbedder.forward.__code__,
+        "Gemma4TextRotaryEmbedding.__init__": modeling_gemma4.Gemma4TextRotaryEmbedding.__init__.__code__,
     }
 
 
@@ -65,6 +73,7 @@ TOUCHED_BY = {
     "kv-shared-slice": {"DynamicCache.__init__", "StaticCache.__init__"},
     "kv-sharing-without-cache": {"Gemma4TextAttention.forward", "Gemma4TextModel.forward"},
     "input-proj-dequant": {"Gemma4VisionPatchEmbedder.__init__", "Gemma4VisionPatchEmbedder.forward"},
+    "rotary-buffer-order": {"Gemma4TextRotaryEmbedding.__init__"},
 }
 
 

@@ -13,7 +13,7 @@ import transformers
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
-from rewriter import api, tiny
+from rewriter import tiny
 from tests.conftest import run_python
 
 Attention = modeling_gemma4.Gemma4TextAttention
@@ -110,5 +110,24 @@ def test_unwritable_cache_compiles_in_memory_and_warns_once(tmp_path, caplog):
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model family 'nope'; known families: gemma4"):
+    with pytest.raises(ValueError, match="unknown model family 'nope'; known families: gemma3, gemma3n, gemma4"):
         rewriter.compile("nope")
+
+
+def test_compile_on_import_patches_only_the_families_a_program_imports(cache_dir):
+    code = f"""
+import sys
+import transformers
+import rewriter
+
+modules = {{name: f"transformers.models.{{name}}.modeling_{{name}}" for name in ("gemma3", "gemma3n", "gemma4")}}
+assert rewriter.compile_on_import(cache_dir={str(cache_dir)!r}) == {{}}
+assert not any(module in sys.modules for module in modules.values())
+from transformers import Gemma3ForCausalLM
+print(rewriter.compiled("gemma3").outcome("rotary-buffer-order").status)
+print(*[module in sys.modules for module in modules.values()])
+print(rewriter.compiled("gemma4"), rewriter.compile_on_import("gemma3")["gemma3"].family)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == ["applied", "True False False", "None gemma3"]

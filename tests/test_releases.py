@@ -18,15 +18,24 @@ from pathlib import Path
 
 import pytest
 
-from rewriter.families import get_family
-from rewriter.releases import SUPPORTED_RELEASES, fetch_wheel
+from rewriter.families import FAMILIES
+from rewriter.releases import fetch_wheel
 from tests.conftest import ROOT, run_python
 
-FAMILY = get_family("gemma4")
-
-# BUGS.md's table: which rule each release needs, and at how many sites.
 APPLIED, NOT_NEEDED = "applied", "not_needed"
-MATRIX = {
+
+
+def release(version: str) -> tuple[int, ...]:
+    return tuple(map(int, version.split(".")))
+
+
+def rotary_buffer_order(version: str) -> tuple[str, int]:
+    """Buffers per layer type in set order from 5.0 (4.x: one rotary embedding per layer type); sorted from 5.16."""
+    return (APPLIED, 1) if (5, 0) <= release(version) < (5, 16) else (NOT_NEEDED, 0)
+
+
+# BUGS.md's tables: which rule each release needs, and at how many sites.
+GEMMA4 = {
     "5.5.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
     "5.5.1": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
     "5.5.2": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
@@ -39,27 +48,54 @@ MATRIX = {
     "5.24.0": {"kv-shared-slice": (NOT_NEEDED, 0), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
 }
 # input_proj is bare in every release; 5.13.1 and later no longer cast the input to the weight's dtype themselves.
-for release, statuses in MATRIX.items():
-    statuses["input-proj-dequant"] = (APPLIED, 2 if tuple(map(int, release.split("."))) < (5, 13) else 1)
+for version, statuses in GEMMA4.items():
+    statuses["input-proj-dequant"] = (APPLIED, 2 if release(version) < (5, 13) else 1)
+    statuses["rotary-buffer-order"] = rotary_buffer_order(version)
+MATRIX = {
+    "gemma3": {version: {"rotary-buffer-order": rotary_buffer_order(version)} for version in FAMILIES["gemma3"].releases},
+    "gemma3n": {version: {"rotary-buffer-order": rotary_buffer_order(version)} for version in FAMILIES["gemma3n"].releases},
+    "gemma4": GEMMA4,
+}
+RELEASES = [(family, version) for family, spec in FAMILIES.items() for version in spec.releases]
 
 
-def test_the_matrix_covers_every_supported_release():
-    assert tuple(MATRIX) == SUPPORTED_RELEASES
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_matrix_covers_every_release_of_the_family(family):
+    assert tuple(MATRIX[family]) == FAMILIES[family].releases
 
 
-def unzipped(version: str, folder: Path) -> Path:
+def unzipped(family: str, version: str, folder: Path) -> Path:
     with zipfile.ZipFile(fetch_wheel(version)) as wheel:
-        for target in FAMILY.targets:
+        for target in FAMILIES[family].targets:
             wheel.extract(f"transformers/{target}", folder)
     return folder / "transformers"
 
 
-@pytest.mark.parametrize("version", SUPPORTED_RELEASES)
-def test_rule_statuses_on_the_real_sources(version, tmp_path):
-    result = run_python("", "-m", "rewriter", "report", "gemma4", "--source-dir", str(unzipped(version, tmp_path)), "--json")
+@pytest.mark.parametrize("family, version", RELEASES)
+def test_rule_statuses_on_the_real_sources(family, version, tmp_path):
+    package = unzipped(family, version, tmp_path)
+    result = run_python("", "-m", "rewriter", "report", family, "--source-dir", str(package), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     outcomes = {outcome["rule"]: (outcome["status"], outcome["sites"]) for outcome in json.loads(result.stdout)}
-    assert outcomes == MATRIX[version]
+    assert outcomes == MATRIX[family][version]
+
+
+def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
+    """Families rewriter does not patch included: the rotary order bug is in six modeling files of 5.5.0."""
+    with zipfile.ZipFile(fetch_wheel("5.5.0")) as wheel:
+        wheel.extractall(tmp_path, [name for name in wheel.namelist() if name.endswith(".py")])
+    result = run_python("", "-m", "rewriter", "scan", "--source-dir", str(tmp_path / "transformers"), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = {(finding["rule"], finding["file"]) for finding in json.loads(result.stdout)}
+    assert {file for rule, file in found if rule == "rotary-buffer-order"} == {
+        f"models/{model}/modeling_{model}.py"
+        for model in ("gemma3", "gemma3n", "gemma4", "modernbert", "modernbert_decoder", "t5gemma2")
+    }
+    assert {(rule, file) for rule, file in found if rule != "rotary-buffer-order"} == {
+        ("kv-shared-slice", "cache_utils.py"),
+        ("kv-sharing-without-cache", "models/gemma4/modeling_gemma4.py"),
+        ("input-proj-dequant", "models/gemma4/modeling_gemma4.py"),
+    }
 
 
 def test_a_release_without_gemma4_sources_is_a_clear_error(tmp_path):
@@ -83,8 +119,9 @@ def test_an_installed_transformers_older_than_gemma4_is_a_clear_error(tmp_path):
 
 
 def e2e_releases() -> list[str]:
-    chosen = os.environ.get("REWRITER_E2E_RELEASES", SUPPORTED_RELEASES[-1])
-    return list(SUPPORTED_RELEASES) if chosen == "all" else [version for version in chosen.split(",") if version]
+    releases = FAMILIES["gemma4"].releases
+    chosen = os.environ.get("REWRITER_E2E_RELEASES", releases[-1])
+    return list(releases) if chosen == "all" else [version for version in chosen.split(",") if version]
 
 
 @pytest.fixture(scope="session")
@@ -117,12 +154,14 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["transformers"] == version
     assert result["source"] == "shipped"
-    assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == MATRIX[version]
+    assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == GEMMA4[version]
     assert result["static_generate_equals_dynamic"]
     assert result["use_cache_gap"] == 0.0
     assert result["packed_input_proj_gap"] == 0.0
     assert all(result["unchanged_where_not_needed"].values()), result["unchanged_where_not_needed"]
-    needed_nothing = {rule for rule, (status, _) in MATRIX[version].items() if status == NOT_NEEDED}
+    for family, names in result["rotary_buffer_orders"].items():
+        assert names == sorted(names, key=lambda name: name.split("_attention")[0]), family  # full before sliding
+    needed_nothing = {rule for rule, (status, _) in GEMMA4[version].items() if status == NOT_NEEDED}
     expected_parts = ({"cache_utils.py"} if "kv-shared-slice" in needed_nothing else set()) | (
         {"Gemma4TextAttention", "Gemma4TextModel"} if "kv-sharing-without-cache" in needed_nothing else set()
     )

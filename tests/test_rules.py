@@ -12,15 +12,15 @@ import libcst as cst
 import pytest
 
 from rewriter.engine import rewrite
-from rewriter.families import get_family, installed_transformers
-from rewriter.rules.gemma4 import RULES
+from rewriter.families import FAMILIES, installed_transformers
+from rewriter.rules.gemma4 import KVSharedSliceRule
 
 GOLDEN = Path(__file__).with_name("golden")
-FAMILY = get_family("gemma4")
+RULES = tuple(dict.fromkeys(rule for family in FAMILIES.values() for _, rule in family.rules()))
 
 
 def apply(rule, code: str):
-    return rule().apply(cst.parse_module(dedent(code)))
+    return rule().apply(cst.parse_module(dedent(code)), "sample.py")
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.id)
@@ -28,12 +28,13 @@ def test_buggy_shape_is_rewritten_and_the_rest_left_alone(rule):
     module, outcome = apply(rule, rule.BUGGY)
     assert outcome.status == "applied" and outcome.sites >= 1
     assert module.code == dedent(rule.PATCHED)
+    assert rule.marker in rule.BUGGY  # scan parses only files with the marker
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.id)
 def test_second_pass_over_patched_text_changes_nothing(rule):
     once, _ = apply(rule, rule.BUGGY)
-    twice, outcome = rule().apply(once)
+    twice, outcome = rule().apply(once, "sample.py")
     assert outcome.status == "not_needed"
     assert twice.code == once.code
 
@@ -54,7 +55,7 @@ def test_drifted_shape_is_reported_and_left_unchanged(rule, code):
     module, outcome = apply(rule, code)
     assert outcome.status == "drift"
     assert outcome.sites == 0
-    assert rule.expected in outcome.detail and outcome.file == rule.target
+    assert rule.expected in outcome.detail and outcome.file == "sample.py"
     assert module.code == dedent(code)
 
 
@@ -66,7 +67,7 @@ def test_slice_in_the_else_branch_of_a_guard_is_still_buggy():
             else:
                 layer_types = layer_types[: -config.num_kv_shared_layers]
     """
-    module, outcome = apply(RULES[0], code)
+    module, outcome = apply(KVSharedSliceRule, code)
     assert outcome.status == "applied"
     assert "layer_types[: len(layer_types) - config.num_kv_shared_layers]" in module.code
 
@@ -77,28 +78,29 @@ def test_guard_joined_by_or_does_not_count():
             if config.num_kv_shared_layers > 0 or force:
                 layer_types = layer_types[: -config.num_kv_shared_layers]
     """
-    assert apply(RULES[0], code)[1].status == "applied"
+    assert apply(KVSharedSliceRule, code)[1].status == "applied"
 
 
-def diff_of_installed_release() -> str:
-    _, package = installed_transformers(FAMILY)
-    sources = {target: (package / target).read_text() for target in FAMILY.targets}
-    patched, outcomes = rewrite(FAMILY, sources)
+def diff_of_installed_release(family) -> str:
+    _, package = installed_transformers(family)
+    sources = {target: (package / target).read_text() for target in family.targets}
+    patched, outcomes = rewrite(family, sources)
     assert all(outcome.status == "applied" for outcome in outcomes)
     return "".join(
         line
-        for target in FAMILY.targets
+        for target in family.targets
         for line in difflib.unified_diff(
             sources[target].splitlines(True), patched[target].splitlines(True), f"a/{target}", f"b/{target}"
         )
     )
 
 
-@pytest.mark.skipif(version("transformers") != "5.5.0", reason="the golden diff is of transformers 5.5.0")
-def test_golden_diff_of_transformers_5_5_0():
+@pytest.mark.skipif(version("transformers") != "5.5.0", reason="the golden diffs are of transformers 5.5.0")
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda family: family.name)
+def test_golden_diff_of_transformers_5_5_0(family):
     """The exact change on the real files; regenerate with REWRITER_REGENERATE_GOLDEN=1 after a deliberate change."""
-    golden = GOLDEN / "gemma4-5.5.0.diff"
-    actual = diff_of_installed_release()
+    golden = GOLDEN / f"{family.name}-5.5.0.diff"
+    actual = diff_of_installed_release(family)
     if os.environ.get("REWRITER_REGENERATE_GOLDEN"):
         golden.write_text(actual)
     assert actual == golden.read_text()
