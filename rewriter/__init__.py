@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from rewriter.api import attention_graphs, compile, compile_on_import, compiled, restore  # noqa: E402
+from rewriter.api import attention_graphs, compile, compile_on_import, compiled, decode_graphs, restore  # noqa: E402
 from rewriter.report import (  # noqa: E402
     CompileReport,
     RewriterError,
@@ -21,5 +21,6 @@ __all__ = [
     "compile",
     "compile_on_import",
     "compiled",
+    "decode_graphs",
     "restore",
 ]

@@ -20,6 +20,7 @@ from rewriter.report import CompileReport, RuleDriftError, RuleOutcome, drift_me
 
 if TYPE_CHECKING:
     from rewriter.attention import CompiledAttention
+    from rewriter.generation import CompiledDecoding
 
 logger = logging.getLogger("rewriter")
 _warned: set[str] = set()
@@ -30,6 +31,7 @@ class _Active:
     report: CompileReport
     installed: list[installer.Installed]
     attention: CompiledAttention | None = None
+    decoding: CompiledDecoding | None = None
 
     def set_attention(self, spec: Family, compiled: bool) -> None:
         """Turn compiled attention on or off; the report says which, and why when it stays eager."""
@@ -43,6 +45,18 @@ class _Active:
             self.attention = None
             self.report = replace(self.report, attention="eager")
 
+    def set_decoding(self, spec: Family, unit: str | None) -> None:
+        """Compile decode steps by ``unit`` ("forward", "layers") or not at all (``None``); the report says which."""
+        if self.decoding is not None and self.decoding.unit != unit:
+            self.decoding.uninstall()
+            self.decoding = None
+            self.report = replace(self.report, decode="eager")
+        if unit is not None and self.decoding is None:
+            from rewriter.generation import compile_decoding  # imports torch
+
+            self.decoding, status = compile_decoding(spec.name, module_name(spec.attention[0]), unit)
+            self.report = replace(self.report, decode=status)
+
 
 _active: dict[str, _Active] = {}
 
@@ -54,6 +68,7 @@ def compile(
     strict: bool = False,
     use_shipped: bool = True,
     compile_attention: bool = False,
+    compile_decode: str | None = None,
 ) -> CompileReport:
     """Rewrite ``family``'s transformers source with its rules, cache it, and install it into the live classes.
 
@@ -63,11 +78,14 @@ def compile(
     same sources changes nothing. Drift is logged as a warning naming the rule, the file and the shape it
     expected; with ``strict=True`` it raises ``RuleDriftError`` before anything is installed.
     ``compile_attention=True`` also wraps the family's text attention in ``torch.compile`` (``rewriter.attention``),
-    or says in ``report.attention`` why it stays eager.
+    or says in ``report.attention`` why it stays eager. ``compile_decode="forward"`` or ``"layers"`` makes
+    ``generate`` use a static cache and compiles each decode step as whole graphs (``rewriter.generation``);
+    ``report.decode`` says which, or why it stays eager.
     """
     spec = get_family(family)
-    if compile_attention and spec.attention is None:
+    if (compile_attention or compile_decode) and spec.attention is None:
         raise ValueError(f"{spec.name} has no compiled attention; families with one: {', '.join(_with_attention())}")
+    _check_decode_unit(compile_decode, compile_attention)
     version, package = installed_transformers(spec)
     sources = read_sources(spec, package)
     components = key_components(spec, sources)
@@ -76,6 +94,7 @@ def compile(
     if active is not None and active.report.key == key:
         _check_drift(active.report, strict)
         active.set_attention(spec, compile_attention)
+        active.set_decoding(spec, compile_decode)
         return active.report
 
     entry, where = _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped)
@@ -94,6 +113,7 @@ def compile(
         raise
     active = _active[spec.name] = _Active(report, installed)
     active.set_attention(spec, compile_attention)
+    active.set_decoding(spec, compile_decode)
     return active.report
 
 
@@ -127,6 +147,8 @@ def restore(family: str) -> bool:
         return False
     if active.attention is not None:
         active.attention.uninstall()
+    if active.decoding is not None:
+        active.decoding.uninstall()
     for installed in reversed(active.installed):
         installer.uninstall(installed)
     return True
@@ -136,6 +158,12 @@ def attention_graphs(family: str) -> list[dict]:
     """The compiled attention variants of ``family``, why each exists, and their graph counts (none when eager)."""
     active = _active.get(get_family(family).name)
     return active.attention.graphs() if active is not None and active.attention is not None else []
+
+
+def decode_graphs(family: str) -> list[dict]:
+    """The compiled decoding variants of ``family``, why each exists, and their graph counts (none when eager)."""
+    active = _active.get(get_family(family).name)
+    return active.decoding.graphs() if active is not None and active.decoding is not None else []
 
 
 def build(spec: Family, sources: dict[str, str]) -> tuple[dict[str, str], tuple[RuleOutcome, ...], dict]:
@@ -196,6 +224,17 @@ def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipp
         except OSError as error:
             _warn_once(str(user.root), f"rewriter: cache folder {user.root} is not writable ({error}); compiling in memory")
             return Entry(user.root / key, texts, outcomes, patches), "memory"
+
+
+def _check_decode_unit(unit: str | None, compile_attention: bool) -> None:
+    if unit is None:
+        return
+    from rewriter.generation import UNITS  # imports torch
+
+    if unit not in UNITS:
+        raise ValueError(f"compile_decode must be one of {', '.join(UNITS)} or None, not {unit!r}")
+    if compile_attention:
+        raise ValueError("compile_decode compiles attention inside its graphs; leave compile_attention off")
 
 
 def _with_attention() -> list[str]:

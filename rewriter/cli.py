@@ -37,13 +37,18 @@ def compile_command(args, console: Console) -> int:
     import rewriter
 
     report = rewriter.compile(
-        args.family, cache_dir=args.cache_dir, strict=args.strict, compile_attention=args.compile_attention
+        args.family,
+        cache_dir=args.cache_dir,
+        strict=args.strict,
+        compile_attention=args.compile_attention,
+        compile_decode=args.compile_decode,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         console.print(report_table(report))
         console.print(f"attention: {report.attention}")
+        console.print(f"decode: {report.decode}")
     return 1 if report.drifted else 0
 
 
@@ -170,6 +175,11 @@ def parser() -> argparse.ArgumentParser:
     compile_.add_argument("--cache-dir", help="cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
     compile_.add_argument(
         "--compile-attention", action="store_true", help="also wrap text attention in torch.compile (or say why not)"
+    )
+    compile_.add_argument(
+        "--compile-decode",
+        choices=("forward", "layers"),
+        help="generate with a static cache and compile each decode step: the whole forward, or each decoder layer",
     )
     compile_.set_defaults(run=compile_command)
     diff = commands.add_parser("diff", help="print a unified diff of what each rule changes")

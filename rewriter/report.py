@@ -34,6 +34,7 @@ class CompileReport:
     cache_path: str | None
     outcomes: tuple[RuleOutcome, ...] = field(default_factory=tuple)
     attention: str = "eager"
+    decode: str = "eager"
 
     def outcome(self, rule: str) -> RuleOutcome:
         for outcome in self.outcomes:

@@ -1,0 +1,161 @@
+"""Optional compiled decoding: ``generate`` gets a static cache, and each decode step runs as compiled graphs.
+
+Compiling attention alone pays dynamo's call and guard overhead at every layer and fuses little. Here a decode
+step on a ``StaticCache`` (fixed shapes) runs one of two units, each a copy of the code object with a recompile
+budget of its own, compiled with ``fullgraph=True`` (no graph breaks):
+
+- ``"forward"``: the text model's whole forward, one graph per batch size: masks, rotary, every layer and the
+  final norm fused, one guard check per token. The fastest; compile time grows with the number of layers.
+- ``"layers"`` (regional compilation): the whole decoder layer, one graph per *variant*, shared by every layer of
+  its kind (sliding, full) and role in KV sharing (own K/V, stores shared K/V, reads shared K/V). A layer reaches
+  the cache through a one-layer view, so its graph does not depend on its index: an E2B-shaped model (35 layers)
+  compiles 6 graphs, not 35. Compile time stays flat with depth; the guard check on every layer call costs part
+  of the gain.
+
+Prefill, training and other caches run eager. ``generate`` on the model classes defaults to
+``cache_implementation="static"`` (and leaves transformers' own auto-compile off) unless the caller chose a cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass, field
+from types import FunctionType
+
+import torch
+
+from rewriter.attention import Variant, why_compile_cannot_run
+
+logger = logging.getLogger("rewriter")
+
+UNITS = ("forward", "layers")
+
+
+@dataclass(frozen=True)
+class DecodingClasses:
+    """The classes compiled decoding touches in a family's modeling module."""
+
+    model: str  # the text model: its forward is the "forward" unit
+    layer: str  # the decoder layer: its forward is the "layers" unit
+    generators: tuple[str, ...]  # the classes whose ``generate`` defaults to a static cache
+
+
+CLASSES = {
+    "gemma4": DecodingClasses("Gemma4TextModel", "Gemma4TextDecoderLayer", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"))
+}
+
+
+class LayerCache:
+    """One layer of a ``StaticCache``, answering ``update`` whatever layer index the attention passes."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layer.update(key_states, value_states, *args, **kwargs)
+
+
+@dataclass
+class CompiledDecoding:
+    """``owner.forward`` dispatching decode steps on a ``StaticCache`` to the compiled copy of their variant."""
+
+    unit: str
+    owner: type
+    eager: FunctionType
+    generators: tuple[type, ...]
+    variants: dict[tuple, Variant] = field(default_factory=dict)
+    failure: str | None = None
+
+    def install(self) -> None:
+        self.generates = {owner: owner.__dict__.get("generate") for owner in self.generators}
+        for owner in self.generators:
+            owner.generate = _static_cache_by_default(owner.generate)
+        self.unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
+        if self.unit == "layers":
+            torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer indices vary without new graphs
+        self.owner.forward = self._dispatcher()
+
+    def uninstall(self) -> None:
+        self.owner.forward = self.eager
+        torch._dynamo.config.allow_unspec_int_on_nn_module = self.unspec_ints
+        for owner, generate in self.generates.items():
+            if generate is None:
+                del owner.generate
+            else:
+                owner.generate = generate
+
+    def graphs(self) -> list[dict]:
+        """Each compiled variant, why it exists, and how many graphs dynamo holds for it."""
+        return [{**variant.why, "graphs": variant.graphs} for variant in self.variants.values()]
+
+    def _dispatcher(self):
+        from transformers import StaticCache
+
+        compiled, eager, layers = self, self.eager, self.unit == "layers"
+
+        @functools.wraps(eager)
+        def forward(module, *args, **kwargs):
+            cache = kwargs.get("past_key_values")
+            tokens = args[0] if args else kwargs.get("input_ids")
+            if tokens is None:
+                tokens = kwargs.get("inputs_embeds")
+            if compiled.failure is not None or module.training or type(cache) is not StaticCache or tokens.shape[1] != 1:
+                return eager(module, *args, **kwargs)
+            if layers:
+                attention = module.self_attn
+                key = (attention.layer_type, attention.is_kv_shared_layer, attention.store_full_length_kv)
+                # KV-shared layers read shared K/V and never touch the cache (it has no layers for them)
+                view = None if attention.is_kv_shared_layer else LayerCache(cache.layers[module.layer_idx])
+                call = {**kwargs, "past_key_values": view}
+            else:
+                key, call = (tokens.shape[0],), kwargs
+            variant = compiled.variants.get(key) or compiled._add_variant(key, module, tokens)
+            try:
+                return variant.function(module, *args, **call)
+            except torch._dynamo.exc.TorchDynamoException as error:  # a compiler failure, never a model error
+                compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
+                logger.warning("rewriter: compiled decoding failed (%s); running eager", compiled.failure)
+                return eager(module, *args, **kwargs)
+
+        return forward
+
+    def _add_variant(self, key: tuple, module, tokens: torch.Tensor) -> Variant:
+        if self.unit == "layers":
+            attention = module.self_attn
+            kv = "shared" if attention.is_kv_shared_layer else "stores shared" if attention.store_full_length_kv else "own"
+            why = {"unit": "layer", "layer": attention.layer_type, "kv": kv}
+        else:
+            why = {"unit": "forward", "batch": str(tokens.shape[0])}
+        code = self.eager.__code__.replace()  # a code object of its own: its own dynamo cache and recompile limit
+        copy = FunctionType(code, self.eager.__globals__, self.eager.__name__, self.eager.__defaults__, self.eager.__closure__)
+        copy.__kwdefaults__ = self.eager.__kwdefaults__
+        self.variants[key] = Variant(why, torch.compile(copy, fullgraph=True), code)
+        return self.variants[key]
+
+
+def _static_cache_by_default(generate):
+    @functools.wraps(generate)
+    def static_generate(self, *args, **kwargs):
+        config = kwargs.get("generation_config") or self.generation_config
+        if "past_key_values" not in kwargs and kwargs.get("cache_implementation", config.cache_implementation) is None:
+            kwargs["cache_implementation"] = "static"
+            kwargs.setdefault("disable_compile", "compile_config" not in kwargs)  # our graphs, not a second compile
+        return generate(self, *args, **kwargs)
+
+    return static_generate
+
+
+def compile_decoding(family: str, module_name: str, unit: str) -> tuple[CompiledDecoding | None, str]:
+    """Install compiled decoding of ``unit`` on ``family``'s classes; (installed, status) or (None, why not)."""
+    reason = why_compile_cannot_run()
+    if reason is not None:
+        logger.warning("rewriter: decoding stays eager: %s", reason)
+        return None, f"eager ({reason})"
+    module, names = importlib.import_module(module_name), CLASSES[family]
+    owner = getattr(module, names.model if unit == "forward" else names.layer)
+    generators = tuple(getattr(module, name) for name in names.generators)
+    compiled = CompiledDecoding(unit, owner, owner.__dict__["forward"], generators)
+    compiled.install()
+    return compiled, f"compiled {unit}"

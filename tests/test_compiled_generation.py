@@ -1,0 +1,95 @@
+"""Compiled decoding (``compile_decode=``) with real ``torch.compile`` (inductor on the CPU, the machine's gcc).
+
+Greedy tokens through ``model.generate`` must be identical to eager (float32); graphs stay bounded with no
+recompile-limit hit, whichever batch sizes ``generate`` sees.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.gemma4 import modeling_gemma4
+
+import rewriter
+from rewriter import tiny
+from rewriter.attention import recompile_limit_hits
+from tests.conftest import run_python
+
+NEW_TOKENS = 6
+BATCHES = (1, 4)
+
+
+def generate(model, batch: int):
+    return model.generate(tiny.input_ids(batch), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@pytest.mark.parametrize("unit", ["layers", "forward"])
+def test_generate_matches_eager_at_batch_1_and_4_with_bounded_graphs(cache_dir, unit):
+    model = tiny.causal_lm(2)
+    rewriter.compile("gemma4", cache_dir=cache_dir)
+    eager = {batch: generate(model, batch) for batch in BATCHES}
+    torch._dynamo.utils.counters.clear()
+    assert rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode=unit).decode == f"compiled {unit}"
+    for batch in BATCHES:
+        assert torch.equal(generate(model, batch), eager[batch]), batch
+    assert recompile_limit_hits() == 0
+    graphs = rewriter.decode_graphs("gemma4")
+    if unit == "layers":  # one graph set per layer kind and KV role, shared by both batch sizes
+        assert {(g["layer"], g["kv"]) for g in graphs} == {
+            (layer, kv) for layer in ("sliding_attention", "full_attention") for kv in ("own", "stores shared", "shared")
+        }
+    else:  # one whole-forward graph set per batch size
+        assert {g["batch"] for g in graphs} == {str(batch) for batch in BATCHES}
+    assert all(1 <= g["graphs"] < torch._dynamo.config.recompile_limit for g in graphs)
+
+
+def test_prefill_training_and_a_callers_cache_stay_eager(cache_dir):
+    model = tiny.causal_lm(2)
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
+    model.generate(tiny.input_ids(), max_new_tokens=1, do_sample=False)  # prefill only
+    model.generate(tiny.input_ids(), max_new_tokens=3, do_sample=False, cache_implementation="dynamic")
+    model.train()(tiny.input_ids(), labels=tiny.input_ids(), use_cache=False).loss.backward()
+    assert rewriter.decode_graphs("gemma4") == []
+
+
+def test_restore_and_recompiling_without_it_put_eager_decoding_back(cache_dir):
+    rewriter.compile("gemma4", cache_dir=cache_dir)
+    layer, text_model = modeling_gemma4.Gemma4TextDecoderLayer, modeling_gemma4.Gemma4TextModel
+    eager_layer, eager_model = layer.__dict__["forward"], text_model.__dict__["forward"]
+    unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
+
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
+    assert layer.__dict__["forward"] is not eager_layer and "generate" in modeling_gemma4.Gemma4ForCausalLM.__dict__
+    report = rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="forward")
+    assert report.decode == "compiled forward"
+    assert layer.__dict__["forward"] is eager_layer and text_model.__dict__["forward"] is not eager_model
+    assert rewriter.compile("gemma4", cache_dir=cache_dir).decode == "eager"
+    assert text_model.__dict__["forward"] is eager_model
+    assert "generate" not in modeling_gemma4.Gemma4ForCausalLM.__dict__
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
+    rewriter.restore("gemma4")
+    assert layer.__dict__["forward"] is eager_layer
+    assert "generate" not in modeling_gemma4.Gemma4ForConditionalGeneration.__dict__
+    assert torch._dynamo.config.allow_unspec_int_on_nn_module == unspec_ints
+
+
+def test_unknown_unit_and_attention_together_are_refused(cache_dir):
+    with pytest.raises(ValueError, match="forward, layers"):
+        rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="model")
+    with pytest.raises(ValueError, match="compile_attention"):
+        rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers", compile_attention=True)
+
+
+def test_without_a_compiler_decoding_stays_eager_with_one_warning(cache_dir):
+    code = f"""
+import torch
+import rewriter
+from rewriter import tiny
+report = rewriter.compile("gemma4", cache_dir={str(cache_dir)!r}, compile_decode="layers")
+print(report.decode)
+tiny.causal_lm(2).generate(tiny.input_ids(), max_new_tokens=3, do_sample=False)
+"""
+    result = run_python(code, env={"CXX": "/nonexistent/g++"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("eager (") and "C++ compiler" in result.stdout and "/nonexistent/g++" in result.stdout
+    assert result.stderr.count("decoding stays eager") == 1
