@@ -1,14 +1,22 @@
-"""Eager against compiled attention: tokens/s of ``generate``, KV-cache bytes of bug 1, and start-up, in one run.
+"""Eager against compiled attention and compiled decoding: ``generate`` tokens/s, compile time, the decode roofline,
+KV-cache bytes of bug 1, and start-up, in one run.
 
     python benchmarks/generate_bench.py --shape tiny --device cpu --json benchmarks/results/generate-tiny-cpu.json
 
-- prefill and decode tokens/s of ``model.generate`` at each batch size, eager then compiled attention
-  (``rewriter.compile("gemma4", compile_attention=True)``), warm-up excluded, median and spread of the repeats:
-  prefill = tokens / time of a one-token generate; decode = new tokens / (time of an n+1-token generate minus it);
-- graphs compiled and recompile-limit hits;
+- modes, in this order in one process: ``eager``; ``attention`` (``compile_attention=True``); ``decode_layers``
+  and ``decode_forward`` (``compile_decode="layers"`` / ``"forward"``: a static cache, each decode step as
+  compiled graphs). Inductor starts from an empty cache folder, so no mode reuses a previous run's kernels (a later
+  mode may reuse kernels an earlier one compiled in this process);
+- per mode and batch size: the first ``generate`` (compilation included) in wall seconds and in CPU seconds of the
+  process and its compiler subprocesses, then prefill and decode tokens/s after warm-up, median and spread of the
+  repeats: prefill = tokens / time of a one-token generate; decode = new tokens / (time of an n+1-token generate
+  minus it);
+- the decode roofline: bytes a decode step must read (every weight but the per-layer embedding table, which is
+  looked up, plus the K/V each layer attends to at the last position) over the memory bandwidth measured here
+  (a large tensor copy), and each decode figure as a share of it;
+- graphs compiled per mode and recompile-limit hits; which mode is slower than eager anywhere;
 - KV-cache bytes held after prefilling and decoding with a Gemma-4 31B layer pattern (60 layers, five sliding to
-  one full, window 1024, no KV-shared layers), unpatched against patched, next to the minimum the window allows
-  (sliding layers keep window - 1 positions, full layers all of them);
+  one full, window 1024, no KV-shared layers), unpatched against patched, next to the minimum the window allows;
 - the start-up costs of ``benchmarks/startup_bench.py`` (``--startup-runs 0`` skips them).
 """
 
@@ -16,22 +24,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="generate-bench-inductor-")
 
-import rewriter
-from rewriter import tiny
-from rewriter.attention import recompile_limit_hits
+import torch  # noqa: E402
+
+import rewriter  # noqa: E402
+from rewriter import tiny  # noqa: E402
+from rewriter.attention import recompile_limit_hits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe_machine  # noqa: E402
 from startup_bench import measure as measure_startup  # noqa: E402
 
 SHAPES = {"tiny": lambda: tiny.text_config(2), "e2b": tiny.e2b_text_config}
+MODES = {
+    "eager": {},
+    "attention": {"compile_attention": True},
+    "decode_layers": {"compile_decode": "layers"},
+    "decode_forward": {"compile_decode": "forward"},
+}
 WINDOW, DECODE_STEPS = 1024, 16
 
 
@@ -45,6 +64,14 @@ def timed(device: str, function) -> float:
     return time.perf_counter() - start
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of the subprocesses it waited for (inductor's compiler workers, gcc)."""
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -55,24 +82,54 @@ def throughput(model, device: str, batch: int, prompt: int, new_tokens: int, rep
     def generate(n: int):
         return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    generate(new_tokens + 1)()  # warm-up (and compilation, for compiled attention)
+    cpu = cpu_seconds()
+    first = timed(device, generate(new_tokens + 1))  # warm-up, and compilation for the compiled modes
+    first_cpu = cpu_seconds() - cpu
     prefill, decode = [], []
     for _ in range(repeats):
-        first = timed(device, generate(1))
+        one = timed(device, generate(1))
         whole = timed(device, generate(new_tokens + 1))
-        prefill.append(batch * prompt / first)
-        decode.append(batch * new_tokens / max(whole - first, 1e-9))
-    return {"prefill_tok_s": spread(prefill), "decode_tok_s": spread(decode)}
+        prefill.append(batch * prompt / one)
+        decode.append(batch * new_tokens / max(whole - one, 1e-9))
+    return {"first_generate_s": first, "first_generate_cpu_s": first_cpu, "prefill_tok_s": spread(prefill), "decode_tok_s": spread(decode)}
 
 
-def measure_generate(model, device: str, args) -> dict:
-    results = {f"batch_{batch}": throughput(model, device, batch, args.prompt, args.new_tokens, args.repeats) for batch in args.batches}
-    first = results[f"batch_{args.batches[0]}"]
-    return {
-        "prefill_tok_s": first["prefill_tok_s"]["median"],
-        "decode_tok_s": first["decode_tok_s"]["median"],
-        "by_batch": results,
-    }
+def measure_mode(model, device: str, args, options: dict) -> dict:
+    report = rewriter.compile("gemma4", **options)
+    by_batch = {f"batch_{batch}": throughput(model, device, batch, args.prompt, args.new_tokens, args.repeats) for batch in args.batches}
+    graphs = rewriter.decode_graphs("gemma4") if "compile_decode" in options else rewriter.attention_graphs("gemma4")
+    status = report.decode if "compile_decode" in options else report.attention
+    return {"status": status, "by_batch": by_batch, "graphs": sum(g["graphs"] for g in graphs), "graph_variants": graphs}
+
+
+def memory_bandwidth(device: str, mebibytes: int = 256, runs: int = 5) -> float:
+    """Bytes per second of the best of ``runs`` copies of a large tensor (each byte read once and written once)."""
+    source = torch.ones(mebibytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    best = min(timed(device, lambda: target.copy_(source)) for _ in range(runs))
+    return 2 * source.numel() * source.element_size() / best
+
+
+def decode_bytes(model, batch: int, length: int) -> dict:
+    """Bytes one decode step reads at context ``length``: the weights once, and the K/V each layer attends to."""
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens_per_layer" not in name)
+    config, kv = model.config, 0
+    element = next(model.parameters()).element_size()
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        heads = attention.k_proj.out_features // attention.head_dim
+        positions = min(length, config.sliding_window) if attention.is_sliding else length
+        kv += 2 * batch * heads * attention.head_dim * positions * element
+    return {"weight_bytes": weights, "kv_bytes": kv, "bytes_per_step": weights + kv}
+
+
+def roofline(model, device: str, args) -> dict:
+    bandwidth = memory_bandwidth(device)
+    by_batch = {}
+    for batch in args.batches:
+        step = decode_bytes(model, batch, args.prompt + args.new_tokens)
+        by_batch[f"batch_{batch}"] = {**step, "roof_tok_s": batch * bandwidth / step["bytes_per_step"]}
+    return {"bandwidth_bytes_s": bandwidth, "by_batch": by_batch}
 
 
 def kv_bytes(lengths: list[int]) -> dict:
@@ -99,21 +156,42 @@ def kv_bytes(lengths: list[int]) -> dict:
     return result
 
 
+def over_eager(modes: dict) -> dict:
+    """Each compiled mode's median tokens/s over eager's, per batch size and phase."""
+    eager = modes["eager"]["by_batch"]
+    return {
+        mode: {
+            batch: {
+                phase: figures[f"{phase}_tok_s"]["median"] / eager[batch][f"{phase}_tok_s"]["median"]
+                for phase in ("prefill", "decode")
+            }
+            for batch, figures in result["by_batch"].items()
+        }
+        for mode, result in modes.items()
+        if mode != "eager"
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4])
+    parser.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES))
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--kv-lengths", type=lambda text: [int(n) for n in text.split(",")], default=[1024, 4096, 16384])
     parser.add_argument("--startup-runs", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     import transformers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     command = " ".join(["python", "benchmarks/generate_bench.py", *sys.argv[1:]])
     rewriter.restore("gemma4")
     unpatched_kv = kv_bytes(args.kv_lengths)
@@ -121,10 +199,9 @@ def main() -> None:
     patched_kv = kv_bytes(args.kv_lengths)
 
     model = tiny.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
-    eager = measure_generate(model, args.device, args)
-    attention = rewriter.compile("gemma4", compile_attention=True).attention
-    compiled = measure_generate(model, args.device, args)
-    graphs = rewriter.attention_graphs("gemma4")
+    modes = {mode: measure_mode(model, args.device, args, MODES[mode]) for mode in ["eager", *[m for m in args.modes if m != "eager"]]}
+    rewriter.compile("gemma4")
+    ratios = over_eager(modes)
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else describe_machine()
     results = {
@@ -134,18 +211,21 @@ def main() -> None:
         "device": device,
         "shape": args.shape,
         "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "cache_source": report.source,
-        "attention": attention,
-        "eager": eager,
-        "compiled": compiled,
-        "compiled_over_eager": {
-            "prefill": compiled["prefill_tok_s"] / eager["prefill_tok_s"],
-            "decode": compiled["decode_tok_s"] / eager["decode_tok_s"],
-        },
-        "graphs": sum(graph["graphs"] for graph in graphs),
-        "graph_variants": graphs,
+        "modes": modes,
+        "over_eager": ratios,
+        "slower_than_eager": [
+            f"{mode} {batch} {phase} {ratio:.2f}x"
+            for mode, batches in ratios.items()
+            for batch, phases in batches.items()
+            for phase, ratio in phases.items()
+            if ratio < 1.0
+        ],
+        "roofline": roofline(model, args.device, args),
         "recompile_limit_hits": recompile_limit_hits(),
         "kv_cache_31b_pattern": {
             length: {
@@ -160,13 +240,15 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
-    ratio = results["compiled_over_eager"]
-    print(f"{args.shape} {args.dtype} on {device}: eager decode {eager['decode_tok_s']:.1f} tok/s, "
-          f"compiled {compiled['decode_tok_s']:.1f} tok/s ({ratio['decode']:.2f}x); prefill {ratio['prefill']:.2f}x; "
-          f"{results['graphs']} graphs, {results['recompile_limit_hits']} recompile-limit hits")
-    for length, kv in results["kv_cache_31b_pattern"].items():
-        print(f"KV at {length} tokens: unpatched {kv['unpatched_bytes']:,} B, patched {kv['patched_bytes']:,} B "
-              f"(minimum {kv['minimum_bytes']:,} B): {kv['unpatched_over_patched']:.2f}x")
+    print(f"{args.shape} {args.dtype} on {device}, {results['threads']} threads, load {load_before[0]:.1f}:")
+    for mode, result in modes.items():
+        for batch, figures in result["by_batch"].items():
+            ratio = ratios.get(mode, {}).get(batch)
+            versus = f" ({ratio['decode']:.2f}x decode, {ratio['prefill']:.2f}x prefill)" if ratio else ""
+            print(f"  {mode} {batch}: decode {figures['decode_tok_s']['median']:.1f} tok/s{versus}, "
+                  f"first generate {figures['first_generate_s']:.1f} s, {result['graphs']} graphs")
+    print(f"  slower than eager: {', '.join(results['slower_than_eager']) or 'nowhere'}; "
+          f"{results['recompile_limit_hits']} recompile-limit hits")
 
 
 if __name__ == "__main__":

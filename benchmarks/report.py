@@ -37,30 +37,68 @@ def startup_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+LABELS = {
+    "eager": "eager",
+    "attention": "compiled attention",
+    "decode_layers": "compiled decode, layers",
+    "decode_forward": "compiled decode, forward",
+}
+
+
 def generate_section(result: dict) -> list[str]:
-    ratio = result["compiled_over_eager"]
+    modes, ratios, roof = result["modes"], result["over_eager"], result["roofline"]
+    load = result["load_average_1min"]
     lines = [
-        f"## Eager against compiled attention: {result['shape']} shape, {result['dtype']}, on {result['device']}",
+        f"## Eager against compiled attention and compiled decoding: {result['shape']} shape, {result['dtype']}, "
+        f"on {result['device']}",
         "",
-        f"Machine: {result['machine']}; torch {result['torch']}, transformers {result['transformers']}. "
-        f"Command: `{result['command']}`. Attention: {result['attention']}; {result['graphs']} graphs in "
-        f"{len(result['graph_variants'])} variants; {result['recompile_limit_hits']} recompile-limit hits. "
-        "Median tokens/s (min to max) of the repeats, warm-up excluded.",
+        f"Machine: {result['machine']}; torch {result['torch']}, transformers {result['transformers']}; "
+        f"{result['threads']} torch threads; 1-minute load average {load['before']:.1f} before, {load['after']:.1f} "
+        f"after (other jobs shared the cores). Command: `{result['command']}`. "
+        f"{result['recompile_limit_hits']} recompile-limit hits. Median tokens/s (min to max) of the repeats, "
+        "warm-up excluded; ratios to eager in the same run.",
         "",
-        "| batch | phase | eager tok/s | compiled tok/s | compiled / eager |",
-        "|---|---|---|---|---|",
+        "| batch | phase | " + " | ".join(LABELS[mode] for mode in modes) + " |",
+        "|---|---|" + "---|" * len(modes),
     ]
-    for batch, eager in result["eager"]["by_batch"].items():
-        compiled = result["compiled"]["by_batch"][batch]
-        for phase in ("prefill_tok_s", "decode_tok_s"):
-            e, c = eager[phase], compiled[phase]
-            lines.append(
-                f"| {batch.removeprefix('batch_')} | {phase.removesuffix('_tok_s')} | {e['median']:.1f} "
-                f"({e['min']:.1f} to {e['max']:.1f}) | {c['median']:.1f} ({c['min']:.1f} to {c['max']:.1f}) | "
-                f"{c['median'] / e['median']:.2f}x |"
-            )
-    lines += ["", f"Batch 1: compiled decode {ratio['decode']:.2f}x eager, prefill {ratio['prefill']:.2f}x.", ""]
+    for batch in modes["eager"]["by_batch"]:
+        for phase in ("prefill", "decode"):
+            cells = []
+            for mode, figures in modes.items():
+                f = figures["by_batch"][batch][f"{phase}_tok_s"]
+                ratio = f" **{ratios[mode][batch][phase]:.2f}x**" if mode in ratios else ""
+                cells.append(f"{f['median']:.1f} ({f['min']:.1f} to {f['max']:.1f}){ratio}")
+            lines.append(f"| {batch.removeprefix('batch_')} | {phase} | " + " | ".join(cells) + " |")
+    slower = result["slower_than_eager"]
+    lines += ["", f"Slower than eager: {', '.join(slower) if slower else 'nowhere'}.", ""]
     lines += [
+        "First `generate` of each mode (compilation included), wall seconds and CPU seconds (the process and its "
+        "compiler subprocesses); graphs dynamo holds at the end:",
+        "",
+        "| mode | status | " + " | ".join(f"{batch.removeprefix('batch_')}: wall s / CPU s" for batch in modes["eager"]["by_batch"]) + " | graphs |",
+        "|---|---|" + "---|" * len(modes["eager"]["by_batch"]) + "---|",
+    ]
+    for mode, figures in modes.items():
+        cells = [f"{f['first_generate_s']:.1f} / {f['first_generate_cpu_s']:.1f}" for f in figures["by_batch"].values()]
+        variants = f" in {len(figures['graph_variants'])} variants" if figures["graph_variants"] else ""
+        lines.append(f"| {LABELS[mode]} | {figures['status']} | " + " | ".join(cells) + f" | {figures['graphs']}{variants} |")
+    lines += [
+        "",
+        f"Decode roofline: measured memory bandwidth {roof['bandwidth_bytes_s'] / 1e9:.1f} GB/s (a 256 MiB tensor "
+        "copy); a decode step reads every weight but the per-layer embedding table, and the K/V each layer attends "
+        "to at the last position. Each decode figure as a share of the roof:",
+        "",
+        "| batch | bytes per step (weights + KV) | roof tok/s | " + " | ".join(LABELS[mode] for mode in modes) + " |",
+        "|---|---|---|" + "---|" * len(modes),
+    ]
+    for batch, step in roof["by_batch"].items():
+        shares = [f"{figures['by_batch'][batch]['decode_tok_s']['median'] / step['roof_tok_s']:.1%}" for figures in modes.values()]
+        lines.append(
+            f"| {batch.removeprefix('batch_')} | {step['bytes_per_step']:,} ({step['weight_bytes']:,} + {step['kv_bytes']:,}) | "
+            f"{step['roof_tok_s']:,.0f} | " + " | ".join(shares) + " |"
+        )
+    lines += [
+        "",
         "KV-cache bytes held after prefill and 16 decoded tokens, Gemma-4 31B layer pattern (60 layers, five "
         "sliding to one full, window 1024, no KV-shared layers): the memory bug 1 wastes.",
         "",
@@ -87,15 +125,19 @@ def chart(results: list[dict]) -> None:
     runs = [r for r in results if r["benchmark"] == "generate"]
     if not runs:
         return
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     labels = [f"{r['shape']} {r['dtype']}\n{r['device'].split(', Python')[0]}" for r in runs]
+    modes = list(LABELS)
+    width = 0.8 / len(modes)
     for axis, phase in zip(axes, ("prefill_tok_s", "decode_tok_s")):
-        positions = range(len(runs))
-        axis.bar([p - 0.2 for p in positions], [r["eager"][phase] for r in runs], 0.4, label="eager")
-        axis.bar([p + 0.2 for p in positions], [r["compiled"][phase] for r in runs], 0.4, label="compiled")
-        axis.set_xticks(list(positions), labels, fontsize=8)
+        for index, mode in enumerate(modes):
+            positions = [p - 0.4 + width * (index + 0.5) for p in range(len(runs))]
+            values = [r["modes"][mode]["by_batch"]["batch_1"][phase]["median"] if mode in r["modes"] else 0 for r in runs]
+            axis.bar(positions, values, width, label=LABELS[mode])
+        axis.set_xticks(list(range(len(runs))), labels, fontsize=8)
+        axis.set_yscale("log")
         axis.set_title(f"{phase.removesuffix('_tok_s')} tokens/s, batch 1 (median)")
-        axis.legend()
+        axis.legend(fontsize=7)
     figure.tight_layout()
     CHART.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(CHART, dpi=110)
@@ -109,7 +151,7 @@ def main(paths: list[str]) -> None:
     chart(results)
     lines = ["# Benchmark results", "", "Generated by `python benchmarks/report.py` from the JSON files named below.", ""]
     if CHART.exists():
-        lines += [f"![tokens/s, eager and compiled](results/{CHART.name})", ""]
+        lines += [f"![tokens/s, eager and compiled modes](results/{CHART.name})", ""]
     for path, result in zip(paths, results):
         lines += SECTIONS[result["benchmark"]](result)
         lines += [f"Source: `{path}`", ""]

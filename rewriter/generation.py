@@ -31,6 +31,7 @@ from rewriter.attention import Variant, why_compile_cannot_run
 logger = logging.getLogger("rewriter")
 
 UNITS = ("forward", "layers")
+SLIDING_LENGTH = r".*\.cumulative_length_int$"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class CompiledDecoding:
         for owner in self.generators:
             owner.generate = _static_cache_by_default(owner.generate)
         self.unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
+        self.dynamic_sources = torch.compiler.config.dynamic_sources
+        # a sliding cache layer counts its tokens in a Python int: symbolic from the first graph, not a recompile
+        torch.compiler.config.dynamic_sources = ",".join(filter(None, (self.dynamic_sources, SLIDING_LENGTH)))
         if self.unit == "layers":
             torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer indices vary without new graphs
         self.owner.forward = self._dispatcher()
@@ -80,6 +84,7 @@ class CompiledDecoding:
     def uninstall(self) -> None:
         self.owner.forward = self.eager
         torch._dynamo.config.allow_unspec_int_on_nn_module = self.unspec_ints
+        torch.compiler.config.dynamic_sources = self.dynamic_sources
         for owner, generate in self.generates.items():
             if generate is None:
                 del owner.generate
