@@ -8,8 +8,9 @@ KV-cache bytes of bug 1, and start-up, in one run.
   compiled graphs). Inductor starts from an empty cache folder, so no mode reuses a previous run's kernels (a later
   mode may reuse kernels an earlier one compiled in this process);
 - per mode and batch size: the first ``generate`` (compilation included) in wall seconds and in CPU seconds of the
-  process and its compiler subprocesses, then prefill and decode tokens/s after warm-up, median and spread of the
-  repeats: prefill = tokens / time of a one-token generate; decode = new tokens / (time of an n+1-token generate
+  process and its compiler subprocesses; then prefill and decode tokens/s, median and spread of the repeats, the
+  modes taking turns within each repeat (installed again with their graphs kept) so that load from other jobs
+  falls on all of them alike: prefill = tokens / time of a one-token generate; decode = new tokens / (time of an n+1-token generate
   minus it);
 - the decode roofline: bytes a decode step must read (every weight but the per-layer embedding table, which is
   looked up, plus the K/V each layer attends to at the last position) over the memory bandwidth measured here
@@ -38,19 +39,16 @@ import torch  # noqa: E402
 
 import rewriter  # noqa: E402
 from rewriter import tiny  # noqa: E402
-from rewriter.attention import recompile_limit_hits  # noqa: E402
+from rewriter.attention import compile_attention, recompile_limit_hits  # noqa: E402
+from rewriter.generation import compile_decoding  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe_machine  # noqa: E402
 from startup_bench import measure as measure_startup  # noqa: E402
 
 SHAPES = {"tiny": lambda: tiny.text_config(2), "e2b": tiny.e2b_text_config}
-MODES = {
-    "eager": {},
-    "attention": {"compile_attention": True},
-    "decode_layers": {"compile_decode": "layers"},
-    "decode_forward": {"compile_decode": "forward"},
-}
+MODES = ("eager", "attention", "decode_layers", "decode_forward")
+MODELING = "transformers.models.gemma4.modeling_gemma4"
 WINDOW, DECODE_STEPS = 1024, 16
 
 
@@ -76,30 +74,52 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def throughput(model, device: str, batch: int, prompt: int, new_tokens: int, repeats: int) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-
-    def generate(n: int):
-        return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-    cpu = cpu_seconds()
-    first = timed(device, generate(new_tokens + 1))  # warm-up, and compilation for the compiled modes
-    first_cpu = cpu_seconds() - cpu
-    prefill, decode = [], []
-    for _ in range(repeats):
-        one = timed(device, generate(1))
-        whole = timed(device, generate(new_tokens + 1))
-        prefill.append(batch * prompt / one)
-        decode.append(batch * new_tokens / max(whole - one, 1e-9))
-    return {"first_generate_s": first, "first_generate_cpu_s": first_cpu, "prefill_tok_s": spread(prefill), "decode_tok_s": spread(decode)}
+def generator(model, ids: torch.Tensor, n: int):
+    return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
-def measure_mode(model, device: str, args, options: dict) -> dict:
-    report = rewriter.compile("gemma4", **options)
-    by_batch = {f"batch_{batch}": throughput(model, device, batch, args.prompt, args.new_tokens, args.repeats) for batch in args.batches}
-    graphs = rewriter.decode_graphs("gemma4") if "compile_decode" in options else rewriter.attention_graphs("gemma4")
-    status = report.decode if "compile_decode" in options else report.attention
-    return {"status": status, "by_batch": by_batch, "graphs": sum(g["graphs"] for g in graphs), "graph_variants": graphs}
+def install(mode: str):
+    """Install ``mode`` on the patched classes; (installed object, status), ``None`` for eager."""
+    if mode == "eager":
+        return None, "eager"
+    if mode == "attention":
+        return compile_attention(MODELING, "Gemma4TextAttention")
+    return compile_decoding("gemma4", MODELING, mode.removeprefix("decode_"))
+
+
+def measure_modes(model, device: str, args) -> dict:
+    """First ``generate`` of each mode (compilation included), then its steady tokens/s, the modes taking turns
+    within each repeat so that load from other jobs falls on all of them alike."""
+    inputs = {batch: torch.randint(0, model.config.vocab_size, (batch, args.prompt), device=device) for batch in args.batches}
+    installed, results = {}, {}
+    for mode in args.modes:
+        compiled, status = install(mode)
+        first = {}
+        for batch, ids in inputs.items():
+            cpu = cpu_seconds()
+            seconds = timed(device, generator(model, ids, args.new_tokens + 1))
+            first[f"batch_{batch}"] = {"first_generate_s": seconds, "first_generate_cpu_s": cpu_seconds() - cpu}
+        if compiled is not None:
+            compiled.uninstall()
+        installed[mode], results[mode] = compiled, {"status": status, "by_batch": first}
+    samples = {mode: {batch: ([], []) for batch in inputs} for mode in args.modes}
+    for _ in range(args.repeats):
+        for mode, compiled in installed.items():
+            if compiled is not None:
+                compiled.install()
+            for batch, ids in inputs.items():
+                one = timed(device, generator(model, ids, 1))
+                whole = timed(device, generator(model, ids, args.new_tokens + 1))
+                samples[mode][batch][0].append(batch * args.prompt / one)
+                samples[mode][batch][1].append(batch * args.new_tokens / max(whole - one, 1e-9))
+            if compiled is not None:
+                compiled.uninstall()
+    for mode, compiled in installed.items():
+        for batch, (prefill, decode) in samples[mode].items():
+            results[mode]["by_batch"][f"batch_{batch}"].update(prefill_tok_s=spread(prefill), decode_tok_s=spread(decode))
+        graphs = compiled.graphs() if compiled is not None else []
+        results[mode].update(graphs=sum(g["graphs"] for g in graphs), graph_variants=graphs)
+    return results
 
 
 def memory_bandwidth(device: str, mebibytes: int = 256, runs: int = 5) -> float:
@@ -178,7 +198,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4])
-    parser.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES))
+    parser.add_argument("--modes", type=lambda text: ["eager", *(m for m in text.split(",") if m != "eager")], default=list(MODES))
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -199,8 +219,7 @@ def main() -> None:
     patched_kv = kv_bytes(args.kv_lengths)
 
     model = tiny.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
-    modes = {mode: measure_mode(model, args.device, args, MODES[mode]) for mode in ["eager", *[m for m in args.modes if m != "eager"]]}
-    rewriter.compile("gemma4")
+    modes = measure_modes(model, args.device, args)
     ratios = over_eager(modes)
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else describe_machine()
