@@ -93,3 +93,9 @@ tiny.causal_lm(2).generate(tiny.input_ids(), max_new_tokens=3, do_sample=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("eager (") and "C++ compiler" in result.stdout and "/nonexistent/g++" in result.stdout
     assert result.stderr.count("decoding stays eager") == 1
+
+
+def test_command_line_flag_reports_the_unit(cache_dir):
+    result = run_python("", "-m", "rewriter", "compile", "gemma4", "--compile-decode", "layers", "--json", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert '"decode": "compiled layers"' in result.stdout
