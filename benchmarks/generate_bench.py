@@ -10,8 +10,8 @@ KV-cache bytes of bug 1, and start-up, in one run.
 - per mode and batch size: the first ``generate`` (compilation included) in wall seconds and in CPU seconds of the
   process and its compiler subprocesses; then prefill and decode tokens/s, median and spread of the repeats, the
   modes taking turns within each repeat (installed again with their graphs kept) so that load from other jobs
-  falls on all of them alike: prefill = tokens / time of a one-token generate; decode = new tokens / (time of an n+1-token generate
-  minus it);
+  falls on all of them alike: prefill = tokens / time of a one-token generate; decode = new tokens / (time of an
+  n+1-token generate minus it);
 - the decode roofline: bytes a decode step must read (every weight but the per-layer embedding table, which is
   looked up, plus the K/V each layer attends to at the last position) over the memory bandwidth measured here
   (a large tensor copy), and each decode figure as a share of it;
@@ -90,7 +90,8 @@ def install(mode: str):
 def measure_modes(model, device: str, args) -> dict:
     """First ``generate`` of each mode (compilation included), then its steady tokens/s, the modes taking turns
     within each repeat so that load from other jobs falls on all of them alike."""
-    inputs = {batch: torch.randint(0, model.config.vocab_size, (batch, args.prompt), device=device) for batch in args.batches}
+    vocab = model.config.vocab_size
+    inputs = {batch: torch.randint(0, vocab, (batch, args.prompt), device=device) for batch in args.batches}
     installed, results = {}, {}
     for mode in args.modes:
         compiled, status = install(mode)
@@ -116,7 +117,8 @@ def measure_modes(model, device: str, args) -> dict:
                 compiled.uninstall()
     for mode, compiled in installed.items():
         for batch, (prefill, decode) in samples[mode].items():
-            results[mode]["by_batch"][f"batch_{batch}"].update(prefill_tok_s=spread(prefill), decode_tok_s=spread(decode))
+            figures = results[mode]["by_batch"][f"batch_{batch}"]
+            figures.update(prefill_tok_s=spread(prefill), decode_tok_s=spread(decode))
         graphs = compiled.graphs() if compiled is not None else []
         results[mode].update(graphs=sum(g["graphs"] for g in graphs), graph_variants=graphs)
     return results
@@ -132,7 +134,8 @@ def memory_bandwidth(device: str, mebibytes: int = 256, runs: int = 5) -> float:
 
 def decode_bytes(model, batch: int, length: int) -> dict:
     """Bytes one decode step reads at context ``length``: the weights once, and the K/V each layer attends to."""
-    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens_per_layer" not in name)
+    looked_up = "embed_tokens_per_layer"
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if looked_up not in name)
     config, kv = model.config, 0
     element = next(model.parameters()).element_size()
     for layer in model.model.layers:
@@ -198,7 +201,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4])
-    parser.add_argument("--modes", type=lambda text: ["eager", *(m for m in text.split(",") if m != "eager")], default=list(MODES))
+    parser.add_argument(
+        "--modes", type=lambda text: ["eager", *(m for m in text.split(",") if m != "eager")], default=list(MODES)
+    )
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)

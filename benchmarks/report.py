@@ -75,13 +75,16 @@ def generate_section(result: dict) -> list[str]:
         "First `generate` of each mode (compilation included), wall seconds and CPU seconds (the process and its "
         "compiler subprocesses); graphs dynamo holds at the end:",
         "",
-        "| mode | status | " + " | ".join(f"{batch.removeprefix('batch_')}: wall s / CPU s" for batch in modes["eager"]["by_batch"]) + " | graphs |",
+        "| mode | status | "
+        + " | ".join(f"{batch.removeprefix('batch_')}: wall s / CPU s" for batch in modes["eager"]["by_batch"])
+        + " | graphs |",
         "|---|---|" + "---|" * len(modes["eager"]["by_batch"]) + "---|",
     ]
     for mode, figures in modes.items():
         cells = [f"{f['first_generate_s']:.1f} / {f['first_generate_cpu_s']:.1f}" for f in figures["by_batch"].values()]
         variants = f" in {len(figures['graph_variants'])} variants" if figures["graph_variants"] else ""
-        lines.append(f"| {LABELS[mode]} | {figures['status']} | " + " | ".join(cells) + f" | {figures['graphs']}{variants} |")
+        graphs = f"{figures['graphs']}{variants}"
+        lines.append(f"| {LABELS[mode]} | {figures['status']} | " + " | ".join(cells) + f" | {graphs} |")
     lines += [
         "",
         f"Decode roofline: measured memory bandwidth {roof['bandwidth_bytes_s'] / 1e9:.1f} GB/s (a 256 MiB tensor "
@@ -92,9 +95,11 @@ def generate_section(result: dict) -> list[str]:
         "|---|---|---|" + "---|" * len(modes),
     ]
     for batch, step in roof["by_batch"].items():
-        shares = [f"{figures['by_batch'][batch]['decode_tok_s']['median'] / step['roof_tok_s']:.1%}" for figures in modes.values()]
+        decode = [figures["by_batch"][batch]["decode_tok_s"]["median"] for figures in modes.values()]
+        shares = [f"{tok_s / step['roof_tok_s']:.1%}" for tok_s in decode]
         lines.append(
-            f"| {batch.removeprefix('batch_')} | {step['bytes_per_step']:,} ({step['weight_bytes']:,} + {step['kv_bytes']:,}) | "
+            f"| {batch.removeprefix('batch_')} | {step['bytes_per_step']:,} "
+            f"({step['weight_bytes']:,} + {step['kv_bytes']:,}) | "
             f"{step['roof_tok_s']:,.0f} | " + " | ".join(shares) + " |"
         )
     lines += [
@@ -132,7 +137,8 @@ def chart(results: list[dict]) -> None:
     for axis, phase in zip(axes, ("prefill_tok_s", "decode_tok_s")):
         for index, mode in enumerate(modes):
             positions = [p - 0.4 + width * (index + 0.5) for p in range(len(runs))]
-            values = [r["modes"][mode]["by_batch"]["batch_1"][phase]["median"] if mode in r["modes"] else 0 for r in runs]
+            values = [r["modes"][mode]["by_batch"]["batch_1"][phase]["median"] if mode in r["modes"] else 0
+                      for r in runs]
             axis.bar(positions, values, width, label=LABELS[mode])
         axis.set_xticks(list(range(len(runs))), labels, fontsize=8)
         axis.set_yscale("log")

@@ -9,8 +9,8 @@ budget of its own, compiled with ``fullgraph=True`` (no graph breaks):
 - ``"layers"`` (regional compilation): the whole decoder layer, one graph per *variant*, shared by every layer of
   its kind (sliding, full) and role in KV sharing (own K/V, stores shared K/V, reads shared K/V). A layer reaches
   the cache through a one-layer view, so its graph does not depend on its index: an E2B-shaped model (35 layers)
-  compiles 6 graphs, not 35. Compile time stays flat with depth; the guard check on every layer call costs part
-  of the gain.
+  compiles 6 graphs per batch size, not 35. Compile time stays flat with depth; the guard check on every layer
+  call costs part of the gain.
 
 Prefill, training and other caches run eager. ``generate`` on the model classes defaults to
 ``cache_implementation="static"`` (and leaves transformers' own auto-compile off) unless the caller chose a cache.
@@ -44,7 +44,9 @@ class DecodingClasses:
 
 
 CLASSES = {
-    "gemma4": DecodingClasses("Gemma4TextModel", "Gemma4TextDecoderLayer", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"))
+    "gemma4": DecodingClasses(
+        "Gemma4TextModel", "Gemma4TextDecoderLayer", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
+    )
 }
 
 
@@ -106,7 +108,8 @@ class CompiledDecoding:
             tokens = args[0] if args else kwargs.get("input_ids")
             if tokens is None:
                 tokens = kwargs.get("inputs_embeds")
-            if compiled.failure is not None or module.training or type(cache) is not StaticCache or tokens.shape[1] != 1:
+            decoding = type(cache) is StaticCache and tokens.shape[1] == 1 and not module.training
+            if compiled.failure is not None or not decoding:
                 return eager(module, *args, **kwargs)
             if layers:
                 attention = module.self_attn
@@ -129,13 +132,14 @@ class CompiledDecoding:
     def _add_variant(self, key: tuple, module, tokens: torch.Tensor) -> Variant:
         if self.unit == "layers":
             attention = module.self_attn
-            kv = "shared" if attention.is_kv_shared_layer else "stores shared" if attention.store_full_length_kv else "own"
-            why = {"unit": "layer", "layer": attention.layer_type, "kv": kv}
+            kv = "stores shared" if attention.store_full_length_kv else "own"
+            why = {"unit": "layer", "layer": attention.layer_type, "kv": "shared" if attention.is_kv_shared_layer else kv}
         else:
             why = {"unit": "forward", "batch": str(tokens.shape[0])}
         code = self.eager.__code__.replace()  # a code object of its own: its own dynamo cache and recompile limit
-        copy = FunctionType(code, self.eager.__globals__, self.eager.__name__, self.eager.__defaults__, self.eager.__closure__)
-        copy.__kwdefaults__ = self.eager.__kwdefaults__
+        eager = self.eager
+        copy = FunctionType(code, eager.__globals__, eager.__name__, eager.__defaults__, eager.__closure__)
+        copy.__kwdefaults__ = eager.__kwdefaults__
         self.variants[key] = Variant(why, torch.compile(copy, fullgraph=True), code)
         return self.variants[key]
 

@@ -36,7 +36,9 @@ def test_generate_matches_eager_at_batch_1_and_4_with_bounded_graphs(cache_dir, 
     graphs = rewriter.decode_graphs("gemma4")
     if unit == "layers":  # one graph set per layer kind and KV role, shared by both batch sizes
         assert {(g["layer"], g["kv"]) for g in graphs} == {
-            (layer, kv) for layer in ("sliding_attention", "full_attention") for kv in ("own", "stores shared", "shared")
+            (layer, kv)
+            for layer in ("sliding_attention", "full_attention")
+            for kv in ("own", "stores shared", "shared")
         }
     else:  # one whole-forward graph set per batch size
         assert {g["batch"] for g in graphs} == {str(batch) for batch in BATCHES}
@@ -91,11 +93,13 @@ tiny.causal_lm(2).generate(tiny.input_ids(), max_new_tokens=3, do_sample=False)
 """
     result = run_python(code, env={"CXX": "/nonexistent/g++"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("eager (") and "C++ compiler" in result.stdout and "/nonexistent/g++" in result.stdout
+    assert result.stdout.startswith("eager (") and "C++ compiler" in result.stdout
+    assert "/nonexistent/g++" in result.stdout
     assert result.stderr.count("decoding stays eager") == 1
 
 
 def test_command_line_flag_reports_the_unit(cache_dir):
-    result = run_python("", "-m", "rewriter", "compile", "gemma4", "--compile-decode", "layers", "--json", "--cache-dir", str(cache_dir))
+    flags = ("--compile-decode", "layers", "--json", "--cache-dir", str(cache_dir))
+    result = run_python("", "-m", "rewriter", "compile", "gemma4", *flags)
     assert result.returncode == 0, result.stderr
     assert '"decode": "compiled layers"' in result.stdout
