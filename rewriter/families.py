@@ -81,6 +81,13 @@ FAMILIES = {
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
     ),
+    "gemma3n": Family(
+        name="gemma3n",
+        rules_module="rewriter.rules.gemma3n",
+        supported=">=4.53,<6",
+        targets=("models/gemma3n/modeling_gemma3n.py",),
+        attention=("models/gemma3n/modeling_gemma3n.py", "Gemma3nTextAttention"),
+    ),
 }
 
 
