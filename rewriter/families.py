@@ -64,8 +64,13 @@ FAMILIES = {
     "gemma3n": Family(
         name="gemma3n",
         supported=">=4.53,<6",
-        releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
-        files={"models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER,)},
+        releases=(
+            "4.53.0", "4.53.3", "4.54.0", "4.55.4", "4.56.0", "4.57.6", "5.0.0", "5.5.0", "5.5.4", "5.6.0",
+            "5.14.1", "5.15.1", "5.16.0", "5.24.0",
+        ),
+        files={
+            "models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER, "rewriter.rules.gemma3n:KVSharingWithoutCacheRule")
+        },
     ),
     "gemma4": Family(
         name="gemma4",
@@ -80,13 +85,6 @@ FAMILIES = {
             ),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
-    ),
-    "gemma3n": Family(
-        name="gemma3n",
-        rules_module="rewriter.rules.gemma3n",
-        supported=">=4.53,<6",
-        targets=("models/gemma3n/modeling_gemma3n.py",),
-        attention=("models/gemma3n/modeling_gemma3n.py", "Gemma3nTextAttention"),
     ),
 }
 

@@ -150,36 +150,3 @@ def image_patches(grid: int = 4, seed: int = 2, patch_size: int = 4) -> tuple[to
     pixels = torch.rand(1, grid * grid, 3 * patch_size**2, generator=torch.Generator().manual_seed(seed))
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return pixels, torch.stack([xs.flatten(), ys.flatten()], dim=-1).unsqueeze(0)
-
-
-def gemma3n_text_config(num_kv_shared_layers: int = 3, **overrides):
-    """A tiny Gemma-3n: seven layers, window 8, the last ``num_kv_shared_layers`` (a sliding, a full and a sliding
-    one by default) reading the K/V of the last earlier layer of their type, as E2B and E4B do."""
-    from transformers import Gemma3nTextConfig
-
-    settings = dict(
-        vocab_size=256,
-        vocab_size_per_layer_input=256,
-        hidden_size=64,
-        hidden_size_per_layer_input=16,
-        intermediate_size=128,
-        num_hidden_layers=7,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        sliding_window=8,
-        num_kv_shared_layers=num_kv_shared_layers,
-        layer_types=(["sliding_attention", "sliding_attention", "full_attention"] * 3)[:7],
-        laurel_rank=8,
-        altup_num_inputs=2,
-        activation_sparsity_pattern=[0.0] * 7,
-        max_position_embeddings=512,
-    )
-    return Gemma3nTextConfig(**{**settings, **overrides})
-
-
-def gemma3n_causal_lm(seed: int = 0, config=None):
-    from transformers import Gemma3nForCausalLM
-
-    torch.manual_seed(seed)
-    return Gemma3nForCausalLM(config or gemma3n_text_config()).eval()

@@ -105,7 +105,7 @@ class KVSharingWithoutCacheRule(Rule):
     """
 
     id = "kv-sharing-without-cache"
-    target = "models/gemma3n/modeling_gemma3n.py"
+    marker = "is_kv_shared_layer"
     scope = IN_ATTENTION | IN_TEXT_MODEL
     expected = (
         "Gemma3nTextAttention.forward reading the shared K/V from `past_key_values.shared_layers[...]` or from a "
@@ -352,5 +352,3 @@ class KVSharingWithoutCacheRule(Rule):
         if len(self.shapes) > 1:
             self.drift("the shared K/V is read from a cache slot but stored in `shared_layers`, or the other way round")
 
-
-RULES: tuple[type[Rule], ...] = (KVSharingWithoutCacheRule,)
