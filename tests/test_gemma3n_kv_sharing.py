@@ -16,24 +16,20 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, Gemma3nForCausalLM
+from transformers.models.gemma3n import modeling_gemma3n
 
 import rewriter
 from rewriter import tiny
 from rewriter.rules.gemma3n import KVSharingWithoutCacheRule
+from tests.conftest import mutated_transformers
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
 SHARED_LAYERS = (4, 5)
 
 
-@pytest.fixture(autouse=True)
-def unpatched_gemma3n():
-    rewriter.restore("gemma3n")
-    yield
-    rewriter.restore("gemma3n")
-
-
 @pytest.fixture
 def patched(cache_dir) -> rewriter.CompileReport:
+    """Gemma-3n patched (conftest's ``patched`` is Gemma-4's); conftest restores every family after each test."""
     return rewriter.compile("gemma3n", cache_dir=cache_dir, strict=True)
 
 
@@ -157,3 +153,24 @@ def test_the_cache_slot_shape_of_4_53_to_4_55_is_rewritten_once():
     assert module.code == dedent(rule.PATCHED_SLICING)
     again, outcome = rule().apply(module)
     assert outcome.status == "not_needed" and again.code == module.code
+
+
+def test_a_restructured_store_is_drift_and_strict_installs_nothing(tmp_path, monkeypatch):
+    target = "models/gemma3n/modeling_gemma3n.py"
+    mutated_transformers(
+        tmp_path / "src",
+        monkeypatch,
+        target,
+        "past_key_values.shared_layers[self.layer_idx] = key_states, value_states",
+        "past_key_values.shared_layers.update({self.layer_idx: (key_states, value_states)})",
+        family="gemma3n",
+    )
+    forward = modeling_gemma3n.Gemma3nTextAttention.forward.__code__
+    rotary = modeling_gemma3n.Gemma3nRotaryEmbedding.__init__.__code__
+    with pytest.raises(rewriter.RuleDriftError, match=f"rule 'kv-sharing-without-cache' drifted in {target}: expected"):
+        rewriter.compile("gemma3n", cache_dir=tmp_path / "cache", strict=True)
+    assert modeling_gemma3n.Gemma3nRotaryEmbedding.__init__.__code__ is rotary
+    report = rewriter.compile("gemma3n", cache_dir=tmp_path / "cache")
+    assert {o.rule: o.status for o in report.outcomes} == {"rotary-buffer-order": "applied", "kv-sharing-without-cache": "drift"}
+    assert modeling_gemma3n.Gemma3nTextAttention.forward.__code__ is forward
+    assert modeling_gemma3n.Gemma3nRotaryEmbedding.__init__.__code__ is not rotary
