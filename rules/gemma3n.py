@@ -33,7 +33,12 @@ CACHE_SLOT = m.Subscript(
     value=m.Attribute(value=CACHE, attr=m.Name("key_cache") | m.Name("value_cache") | m.Name("layers")),
     slice=AT_SHARED_INDEX,
 )
-UPDATE_STATEMENT = m.SimpleStatementLine(body=[m.Assign(value=m.Call(func=m.Attribute(value=CACHE, attr=m.Name("update"))))])
+UPDATE_STATEMENT = m.SimpleStatementLine(
+    body=[m.Assign(value=m.Call(func=m.Attribute(value=CACHE, attr=m.Name("update"))))]
+)
+SHARED_LAYERS_STORE = m.SimpleStatementLine(
+    body=[m.Assign(targets=[m.AssignTarget(m.Subscript(value=m.Attribute(value=CACHE, attr=m.Name("shared_layers"))))])]
+)
 # 4.56.0 to 5.5.4: `if cache is not None:` updates the cache unless shared, then stores the shared K/V on it.
 STORE_SHARED_IN_CACHE = m.If(
     test=CACHE_GIVEN,
@@ -47,12 +52,7 @@ STORE_SHARED_IN_CACHE = m.If(
             ),
             m.If(
                 test=m.Attribute(value=SELF, attr=m.Name("store_full_length_kv")),
-                body=m.IndentedBlock(
-                    body=[
-                        m.ZeroOrMore(),
-                        m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Subscript(value=m.Attribute(value=CACHE, attr=m.Name("shared_layers"))))])]),
-                    ]
-                ),
+                body=m.IndentedBlock(body=[m.ZeroOrMore(), SHARED_LAYERS_STORE]),
                 orelse=None,
             ),
         ]
@@ -69,9 +69,8 @@ DECODER_LAYER_CALL = m.Call(func=m.Name("decoder_layer"))
 DECODER_LAYER_LOOP = m.For(
     target=m.Name("decoder_layer") | m.Tuple(elements=[m.ZeroOrMore(), m.Element(m.Name("decoder_layer"))])
 )
-PASSES_SHARED_KV_STATES = m.Call(
-    args=[m.ZeroOrMore(), m.Arg(value=m.Name("shared_kv_states")) | m.Arg(keyword=m.Name("shared_kv_states")), m.ZeroOrMore()]
-)
+SHARED_KV_STATES_ARG = m.Arg(value=m.Name("shared_kv_states")) | m.Arg(keyword=m.Name("shared_kv_states"))
+PASSES_SHARED_KV_STATES = m.Call(args=[m.ZeroOrMore(), SHARED_KV_STATES_ARG, m.ZeroOrMore()])
 IN_ATTENTION = m.ClassDef(name=m.Name("Gemma3nTextAttention"))
 IN_TEXT_MODEL = m.ClassDef(name=m.Name("Gemma3nTextModel"))
 IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
@@ -86,11 +85,19 @@ value_states = value_states.to(query_states.device)
 """
 STORE = {
     SHARED_LAYERS: "if self.store_full_length_kv:\n    shared_kv_states[self.layer_idx] = key_states, value_states\n",
-    CACHE_SLOTS: "if not self.is_kv_shared_layer:\n    shared_kv_states[self.config.layer_types[self.layer_idx]] = key_states, value_states\n",
+    CACHE_SLOTS: (
+        "if not self.is_kv_shared_layer:\n"
+        "    shared_kv_states[self.config.layer_types[self.layer_idx]] = key_states, value_states\n"
+    ),
 }
 KEY_TYPE = {SHARED_LAYERS: "int", CACHE_SLOTS: "str"}
 ATTENTION_PARTS = {"read guard", "read", "store", "parameter"}
 MODEL_PARTS = {"state", "argument"}
+
+
+def in_shared_kv_states(entry: cst.Subscript, _) -> cst.Subscript:
+    """``past_key_values.shared_layers[i]`` -> ``shared_kv_states[i]``."""
+    return entry.with_changes(value=cst.Name("shared_kv_states"))
 
 
 class KVSharingWithoutCacheRule(Rule):
@@ -248,7 +255,7 @@ class KVSharingWithoutCacheRule(Rule):
         BUGGY.replace("past_key_values.shared_layers[self.layer_idx] = ", "past_key_values.share(self.layer_idx, ")
         .replace("value_states\n                return", "value_states)\n                return"),
         # the shared layers read a cache slot, but the cache is updated in a shape of the later releases
-        BUGGY.replace("past_key_values.shared_layers[self.kv_shared_layer_index]", "past_key_values.layers[self.kv_shared_layer_index]"),
+        BUGGY.replace("shared_layers[self.kv_shared_layer_index]", "layers[self.kv_shared_layer_index]"),
         # the model no longer loops over `decoder_layer`
         BUGGY.replace("for decoder_layer in", "for block in").replace("decoder_layer(\n", "block(\n"),
     )
@@ -269,7 +276,7 @@ class KVSharingWithoutCacheRule(Rule):
         if m.findall(updated_node.body, SHARED_LAYERS_ENTRY):
             self.shapes.add(SHARED_LAYERS)
             self.parts["read"] += 1
-            body = m.replace(updated_node.body, SHARED_LAYERS_ENTRY, lambda node, _: node.with_changes(value=cst.Name("shared_kv_states")))
+            body = m.replace(updated_node.body, SHARED_LAYERS_ENTRY, in_shared_kv_states)
             return updated_node.with_changes(body=body)
         if m.findall(updated_node.body, CACHE_SLOT):
             self.shapes.add(CACHE_SLOTS)
@@ -280,7 +287,7 @@ class KVSharingWithoutCacheRule(Rule):
 
     @m.call_if_inside(IN_ATTENTION)
     @m.leave(STORE_SHARED_IN_CACHE | UPDATE_CACHE)
-    def store_in_shared_kv_states(self, original_node: cst.If, updated_node: cst.If):  # a FlattenSentinel (LibCST cannot check that annotation)
+    def store_in_shared_kv_states(self, original_node: cst.If, updated_node: cst.If):  # a FlattenSentinel (unchecked)
         """``if cache is not None and not self.is_kv_shared_layer:`` the update, then the store, cache or not."""
         self.parts["store"] += 1
         *before, last = updated_node.body.body
@@ -308,8 +315,9 @@ class KVSharingWithoutCacheRule(Rule):
         self.parts["parameter"] += 1
         params = updated_node.params.params
         key = KEY_TYPE[next(iter(self.shapes))]
-        new = cst.parse_statement(f"def f(shared_kv_states: dict[{key}, tuple[torch.Tensor, torch.Tensor]] | None = None): pass")
-        new = new.params.params[0].with_changes(comma=params[-1].comma if updated_node.params.star_kwarg else cst.MaybeSentinel.DEFAULT)
+        annotation = f"dict[{key}, tuple[torch.Tensor, torch.Tensor]] | None"
+        new = cst.parse_statement(f"def f(shared_kv_states: {annotation} = None): pass").params.params[0]
+        new = new.with_changes(comma=params[-1].comma if updated_node.params.star_kwarg else cst.MaybeSentinel.DEFAULT)
         if self.parts.keys() >= ATTENTION_PARTS:
             self.rewrote()
         return updated_node.with_deep_changes(updated_node.params, params=[*params, new])
@@ -333,7 +341,7 @@ class KVSharingWithoutCacheRule(Rule):
 
     @m.call_if_inside(IN_TEXT_MODEL)
     @m.leave(DECODER_LAYER_LOOP)
-    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For):  # a FlattenSentinel (LibCST cannot check that annotation)
+    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For):  # a FlattenSentinel (unchecked)
         if not self.parts["argument"]:
             return updated_node
         self.parts["state"] += 1

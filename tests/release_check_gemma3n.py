@@ -100,7 +100,8 @@ def main(cache_dir: str) -> dict:
     if report.outcome("kv-sharing-without-cache").status == "not_needed":
         target = "models/gemma3n/modeling_gemma3n.py"
         package = Path(transformers.__file__).parent
-        patched, upstream = (Path(report.cache_path) / "transformers" / target).read_text(), (package / target).read_text()
+        patched = (Path(report.cache_path) / "transformers" / target).read_text()
+        upstream = (package / target).read_text()
         for name in ("Gemma3nTextAttention", "Gemma3nTextModel"):
             same_text = definition_text(patched, name) == definition_text(upstream, name)
             forward = inspect.unwrap(getattr(modeling_gemma3n, name).forward)
