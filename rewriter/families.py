@@ -42,10 +42,11 @@ class Family:
         return tuple((target, _load(rule)) for target, rules in self.files.items() for rule in rules)
 
     def code_files(self) -> tuple[Path, ...]:
-        """The files whose text decides a cache entry's content: the rules, and the engine that runs and plans them."""
-        rule_modules = dict.fromkeys(rule.partition(":")[0] for rules in self.files.values() for rule in rules)
-        modules = (*rule_modules, "rewriter.rule", "rewriter.engine", "rewriter.install")
-        return tuple(Path(importlib.util.find_spec(name).origin) for name in modules)
+        """The files whose text decides a cache entry's content: every rule module (rules share code), and the
+        engine that runs and plans them."""
+        rules = Path(importlib.util.find_spec("rewriter.rules").origin).parent
+        engine = (importlib.util.find_spec(name).origin for name in ("rewriter.rule", "rewriter.engine", "rewriter.install"))
+        return (*sorted(rules.glob("*.py")), *map(Path, engine))
 
 
 def _load(rule: str) -> type:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import libcst as cst
 import libcst.matchers as m
 
-from rewriter.rule import Rule
+from rewriter.rules.kv_sharing import SharedKVStatesRule
 
 SELF = m.Name("self")
 NONE = m.Name("None")
@@ -65,15 +63,8 @@ UPDATE_CACHE = m.If(
     body=m.IndentedBlock(body=[m.ZeroOrMore(m.SimpleStatementLine()), UPDATE_STATEMENT]),
     orelse=None,
 )
-DECODER_LAYER_CALL = m.Call(func=m.Name("decoder_layer"))
-DECODER_LAYER_LOOP = m.For(
-    target=m.Name("decoder_layer") | m.Tuple(elements=[m.ZeroOrMore(), m.Element(m.Name("decoder_layer"))])
-)
-SHARED_KV_STATES_ARG = m.Arg(value=m.Name("shared_kv_states")) | m.Arg(keyword=m.Name("shared_kv_states"))
-PASSES_SHARED_KV_STATES = m.Call(args=[m.ZeroOrMore(), SHARED_KV_STATES_ARG, m.ZeroOrMore()])
 IN_ATTENTION = m.ClassDef(name=m.Name("Gemma3nTextAttention"))
 IN_TEXT_MODEL = m.ClassDef(name=m.Name("Gemma3nTextModel"))
-IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
 
 # What the shared layers read, and what stores it, in each shape.
 SHARED_LAYERS, CACHE_SLOTS = "shared_layers", "cache slots"
@@ -91,8 +82,6 @@ STORE = {
     ),
 }
 KEY_TYPE = {SHARED_LAYERS: "int", CACHE_SLOTS: "str"}
-ATTENTION_PARTS = {"read guard", "read", "store", "parameter"}
-MODEL_PARTS = {"state", "argument"}
 
 
 def in_shared_kv_states(entry: cst.Subscript, _) -> cst.Subscript:
@@ -100,7 +89,7 @@ def in_shared_kv_states(entry: cst.Subscript, _) -> cst.Subscript:
     return entry.with_changes(value=cst.Name("shared_kv_states"))
 
 
-class KVSharingWithoutCacheRule(Rule):
+class KVSharingWithoutCacheRule(SharedKVStatesRule):
     """Gemma-3n's KV-shared layers find their K/V on the cache; without one they compute their own: garbage.
 
     As transformers 5.6.0 does, ``Gemma3nTextModel.forward`` makes a ``shared_kv_states`` dict for each call and the
@@ -111,8 +100,6 @@ class KVSharingWithoutCacheRule(Rule):
     last one before them and at most two entries are alive).
     """
 
-    id = "kv-sharing-without-cache"
-    marker = "is_kv_shared_layer"
     scope = IN_ATTENTION | IN_TEXT_MODEL
     expected = (
         "Gemma3nTextAttention.forward reading the shared K/V from `past_key_values.shared_layers[...]` or from a "
@@ -262,11 +249,10 @@ class KVSharingWithoutCacheRule(Rule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.parts: Counter[str] = Counter()
         self.shapes: set[str] = set()
 
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        return m.matches(node, IN_FORWARD)
+    def key_type(self) -> str | None:
+        return KEY_TYPE[next(iter(self.shapes))] if len(self.shapes) == 1 else None
 
     @m.call_if_inside(IN_ATTENTION)
     @m.leave(READ_SHARED_IF_CACHED)
@@ -304,59 +290,8 @@ class KVSharingWithoutCacheRule(Rule):
         )
         return cst.FlattenSentinel([cached, cst.parse_statement(store, config=self.module.config_for_parsing)])
 
-    @m.call_if_inside(IN_ATTENTION)
-    @m.leave(IN_FORWARD)
-    def take_shared_kv_states(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
-        if any(param.name.value == "shared_kv_states" for param in updated_node.params.params):
-            self.found_fixed()
-            return updated_node
-        if not self.parts.keys() & ATTENTION_PARTS or len(self.shapes) != 1:
-            return updated_node
-        self.parts["parameter"] += 1
-        params = updated_node.params.params
-        key = KEY_TYPE[next(iter(self.shapes))]
-        annotation = f"dict[{key}, tuple[torch.Tensor, torch.Tensor]] | None"
-        new = cst.parse_statement(f"def f(shared_kv_states: {annotation} = None): pass").params.params[0]
-        new = new.with_changes(comma=params[-1].comma if updated_node.params.star_kwarg else cst.MaybeSentinel.DEFAULT)
-        if self.parts.keys() >= ATTENTION_PARTS:
-            self.rewrote()
-        return updated_node.with_deep_changes(updated_node.params, params=[*params, new])
-
-    @m.call_if_inside(IN_TEXT_MODEL)
-    @m.leave(DECODER_LAYER_CALL)
-    def pass_shared_kv_states(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
-        if m.matches(updated_node, PASSES_SHARED_KV_STATES):
-            self.found_fixed()
-            return updated_node
-        self.parts["argument"] += 1
-        args = list(updated_node.args)
-        at = next((i for i, arg in enumerate(args) if arg.star), len(args))
-        argument = cst.Arg(
-            value=cst.Name("shared_kv_states"),
-            keyword=cst.Name("shared_kv_states"),
-            equal=cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace("")),
-            comma=args[at - 1].comma,
-        )
-        return updated_node.with_changes(args=[*args[:at], argument, *args[at:]])
-
-    @m.call_if_inside(IN_TEXT_MODEL)
-    @m.leave(DECODER_LAYER_LOOP)
-    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For):  # a FlattenSentinel (unchecked)
-        if not self.parts["argument"]:
-            return updated_node
-        self.parts["state"] += 1
-        self.rewrote()
-        state = cst.parse_statement("shared_kv_states = {}\n", config=self.module.config_for_parsing)
-        state = state.with_changes(leading_lines=updated_node.leading_lines)
-        return cst.FlattenSentinel([state, updated_node.with_changes(leading_lines=())])
-
     def check(self) -> None:
-        missing = sorted((ATTENTION_PARTS | MODEL_PARTS) - set(self.parts)) if self.parts else []
-        repeated = sorted(part for part, count in self.parts.items() if count > 1)
-        if missing:
-            self.drift(f"only part of the shape was found; missing: {', '.join(missing)}")
-        if repeated:
-            self.drift(f"found more than once: {', '.join(repeated)}")
+        super().check()
         if len(self.shapes) > 1:
             self.drift("the shared K/V is read from a cache slot but stored in `shared_layers`, or the other way round")
 

@@ -9,6 +9,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
+from rewriter.rules.kv_sharing import SharedKVStatesRule
 
 SELF = m.Name("self")
 NONE = m.Name("None")
@@ -198,14 +199,8 @@ STORE_SHARED_IN_CACHE = m.If(
     ),
     orelse=None,
 )
-DECODER_LAYER_CALL = m.Call(func=m.Name("decoder_layer"))
-DECODER_LAYER_LOOP = m.For(target=m.Tuple(elements=[m.Element(), m.Element(m.Name("decoder_layer"))]))
-PASSES_SHARED_KV_STATES = m.Call(
-    args=[m.ZeroOrMore(), m.Arg(value=m.Name("shared_kv_states")) | m.Arg(keyword=m.Name("shared_kv_states")), m.ZeroOrMore()]
-)
 IN_ATTENTION = m.ClassDef(name=m.Name("Gemma4TextAttention"))
 IN_TEXT_MODEL = m.ClassDef(name=m.Name("Gemma4TextModel"))
-IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
 
 STORE_SHARED_TEMPLATE = """\
 if past_key_values is not None and not self.is_kv_shared_layer:
@@ -213,20 +208,15 @@ if past_key_values is not None and not self.is_kv_shared_layer:
 if self.store_full_length_kv:
     shared_kv_states[self.layer_idx] = key_states, value_states
 """
-SHARED_KV_STATES_PARAM = "shared_kv_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None"
-ATTENTION_PARTS = {"read guard", "read", "store", "parameter"}
-MODEL_PARTS = {"state", "argument"}
 
 
-class KVSharingWithoutCacheRule(Rule):
-    """KV-shared layers find their K/V on the cache; without one (``use_cache=False``) they recompute it: garbage.
+class KVSharingWithoutCacheRule(SharedKVStatesRule):
+    """Gemma-4's KV-shared layers find their K/V on the cache; without one (``use_cache=False``) they recompute it.
 
     The fix hands the shared K/V from layer to layer in a dict made by ``Gemma4TextModel.forward`` for each call,
     as transformers 5.5.2 does, so a cache no longer decides what the shared layers attend to.
     """
 
-    id = "kv-sharing-without-cache"
-    marker = "is_kv_shared_layer"
     scope = IN_ATTENTION | IN_TEXT_MODEL
     expected = "Gemma4TextAttention.forward reading `past_key_values.shared_layers[...]` only when a cache is given"
 
@@ -314,13 +304,6 @@ class KVSharingWithoutCacheRule(Rule):
         .replace("decoder_layer(\n", "block(\n"),
     )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: Counter[str] = Counter()
-
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        return m.matches(node, IN_FORWARD)
-
     @m.call_if_inside(IN_ATTENTION)
     @m.leave(READ_SHARED_IF_CACHED)
     def read_shared_without_cache(self, original_node: cst.If, updated_node: cst.If) -> cst.If:
@@ -342,58 +325,6 @@ class KVSharingWithoutCacheRule(Rule):
         statements = cst.parse_module(code, config=self.module.config_for_parsing).body
         first = statements[0].with_changes(leading_lines=updated_node.leading_lines)
         return cst.FlattenSentinel([first, *statements[1:]])
-
-    @m.call_if_inside(IN_ATTENTION)
-    @m.leave(IN_FORWARD)
-    def take_shared_kv_states(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
-        if any(param.name.value == "shared_kv_states" for param in updated_node.params.params):
-            self.found_fixed()
-            return updated_node
-        if not self.parts.keys() & ATTENTION_PARTS:
-            return updated_node
-        self.parts["parameter"] += 1
-        params = updated_node.params.params
-        new = cst.parse_statement(f"def f({SHARED_KV_STATES_PARAM}): pass").params.params[0]
-        new = new.with_changes(comma=params[-1].comma if updated_node.params.star_kwarg else cst.MaybeSentinel.DEFAULT)
-        if self.parts.keys() >= ATTENTION_PARTS:
-            self.rewrote()
-        return updated_node.with_deep_changes(updated_node.params, params=[*params, new])
-
-    @m.call_if_inside(IN_TEXT_MODEL)
-    @m.leave(DECODER_LAYER_CALL)
-    def pass_shared_kv_states(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
-        if m.matches(updated_node, PASSES_SHARED_KV_STATES):
-            self.found_fixed()
-            return updated_node
-        self.parts["argument"] += 1
-        args = list(updated_node.args)
-        at = next((i for i, arg in enumerate(args) if arg.star), len(args))
-        argument = cst.Arg(
-            value=cst.Name("shared_kv_states"),
-            keyword=cst.Name("shared_kv_states"),
-            equal=cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace("")),
-            comma=args[at - 1].comma,
-        )
-        return updated_node.with_changes(args=[*args[:at], argument, *args[at:]])
-
-    @m.call_if_inside(IN_TEXT_MODEL)
-    @m.leave(DECODER_LAYER_LOOP)
-    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For):  # a FlattenSentinel (LibCST cannot check that annotation)
-        if not self.parts["argument"]:
-            return updated_node
-        self.parts["state"] += 1
-        self.rewrote()
-        state = cst.parse_statement("shared_kv_states = {}\n", config=self.module.config_for_parsing)
-        state = state.with_changes(leading_lines=updated_node.leading_lines)
-        return cst.FlattenSentinel([state, updated_node.with_changes(leading_lines=())])
-
-    def check(self) -> None:
-        missing = sorted((ATTENTION_PARTS | MODEL_PARTS) - set(self.parts)) if self.parts else []
-        repeated = sorted(part for part, count in self.parts.items() if count > 1)
-        if missing:
-            self.drift(f"only part of the shape was found; missing: {', '.join(missing)}")
-        if repeated:
-            self.drift(f"found more than once: {', '.join(repeated)}")
 
 
 # ---- input-proj-dequant ---------------------------------------------------------------------------------------------
