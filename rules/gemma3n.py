@@ -217,6 +217,7 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
                     hidden_states = layer_outputs[0]
                 return hidden_states
     '''
+    EXAMPLES = ((BUGGY_SLICING, PATCHED_SLICING),)
     FIXED = (
         '''
         class Gemma3nTextAttention(nn.Module):

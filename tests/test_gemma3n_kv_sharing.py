@@ -9,9 +9,7 @@ of the bug; ``tests/test_releases.py`` runs these behaviours on them end to end.
 from __future__ import annotations
 
 from pathlib import Path
-from textwrap import dedent
 
-import libcst as cst
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -20,7 +18,6 @@ from transformers.models.gemma3n import modeling_gemma3n
 
 import rewriter
 from rewriter import tiny
-from rewriter.rules.gemma3n import KVSharingWithoutCacheRule
 from tests.conftest import mutated_transformers
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
@@ -143,16 +140,6 @@ def test_unpatched_qlora_first_step_trains_on_another_loss(qlora_checkpoint):
 def test_patched_qlora_first_step_loss_is_the_cached_loss(qlora_checkpoint, patched):
     oracle, first = cached_loss_and_first_step(qlora_checkpoint)
     assert first == oracle
-
-
-def test_the_cache_slot_shape_of_4_53_to_4_55_is_rewritten_once():
-    """The rule's second buggy shape (``BUGGY`` holds the other one)."""
-    rule = KVSharingWithoutCacheRule
-    module, outcome = rule().apply(cst.parse_module(dedent(rule.BUGGY_SLICING)))
-    assert (outcome.status, outcome.sites) == ("applied", 2)
-    assert module.code == dedent(rule.PATCHED_SLICING)
-    again, outcome = rule().apply(module)
-    assert outcome.status == "not_needed" and again.code == module.code
 
 
 def test_a_restructured_store_is_drift_and_strict_installs_nothing(tmp_path, monkeypatch):
