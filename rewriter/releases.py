@@ -10,8 +10,14 @@ from pathlib import Path
 
 import platformdirs
 
+from rewriter.report import RewriterError
+
 # Every release the rules are checked against (see BUGS.md); the last is the latest 5.x.
 SUPPORTED_RELEASES = ("5.5.0", "5.5.1", "5.5.2", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0")
+
+
+class FetchError(RewriterError):
+    """A release wheel could not be downloaded."""
 
 
 def wheel_dir() -> Path:
@@ -24,7 +30,10 @@ def fetch_wheel(version: str, folder: Path | None = None) -> Path:
     wheel = folder / f"transformers-{version}-py3-none-any.whl"
     if not wheel.exists():
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:"]
-        subprocess.run([*command, "-d", str(folder), f"transformers=={version}"], check=True)
+        pip = subprocess.run([*command, "-d", str(folder), f"transformers=={version}"], capture_output=True, text=True)
+        if pip.returncode != 0 or not wheel.exists():
+            why = pip.stderr.strip().splitlines()[-1:] or [f"pip exited with {pip.returncode} and no wheel"]
+            raise FetchError(f"cannot download the transformers {version} wheel: {why[0]}")
     return wheel
 
 
