@@ -312,6 +312,8 @@ def _why_not_stored(root: Path, error: OSError) -> str:
         return f"no space left on the device of {root}"
     if error.errno == errno.ENOENT:
         return f"a folder under {root} was removed while the entry was written (a concurrent `cache clear`?): {error}"
+    if error.errno == errno.ENOTDIR:
+        return f"{root} is not a folder: {error}"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{root} is not writable: {error}"
     return str(error)
