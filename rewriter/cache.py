@@ -195,7 +195,8 @@ class CacheDir:
         """Remove every entry, the locks, and what writers that were killed left behind."""
         keys = self.keys()
         for key in keys:
-            self.remove(key)
+            with contextlib.suppress(FileNotFoundError):  # a concurrent writer replaced or removed it
+                self.remove(key)
         if self.root.is_dir():
             for path in self.root.iterdir():
                 if path.name == LOCKS or path.name.startswith((BUILDING, REPLACED)):

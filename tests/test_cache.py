@@ -339,6 +339,7 @@ def test_store_racing_a_cache_clear_says_what_happened(tmp_path):
                 cache.store(entry.folder.name, entry.texts, entry.outcomes, entry.patches, components)
             except OSError as error:
                 failure = error
+        assert clearing.poll() is None, "the clearing process failed"
     finally:
         clearing.kill()
         clearing.wait()
