@@ -277,9 +277,13 @@ def _checked_outcome(outcome, files: dict) -> RuleOutcome:
 
 
 def _entry_files(folder: Path, *, check: bool) -> set[str]:
-    """The paths of the files in an entry, relative to it; every folder and file checked when ``check``."""
+    """The paths of the files in an entry, relative to it; every folder and file checked when ``check``.
+
+    ``__pycache__`` folders are left out: pip byte-compiles the shipped entries, and rewriter never reads them.
+    """
     found = set()
     for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if name != "__pycache__"]
         for name in [*folders, *names]:
             path = Path(parent, name)
             if check:
