@@ -26,17 +26,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import get_args
 
 from rewriter.families import module_name
 from rewriter.install import ModulePatch
-from rewriter.report import RuleOutcome
+from rewriter.report import RuleOutcome, Status
 
 SCHEMA = 2
 MANIFEST = "manifest.json"
 LOCKS = ".locks"
 BUILDING = ".building-"  # a writer's private folder, renamed into place when whole
 REPLACED = ".replaced-"  # an untrusted entry moved aside, then removed
-STATUSES = ("applied", "not_needed", "drift")
 logger = logging.getLogger(__name__)
 
 
@@ -267,7 +267,7 @@ def _checked_outcome(outcome, files: dict) -> RuleOutcome:
         not isinstance(outcome, dict)
         or outcome.keys() != fields.keys()
         or not all(type(outcome[name]) is kind for name, kind in fields.items())
-        or outcome["status"] not in STATUSES
+        or outcome["status"] not in get_args(Status)
         or outcome["file"] not in files
         or (outcome["status"] == "applied") != (outcome["sites"] > 0)
         or outcome["sites"] < 0

@@ -175,7 +175,8 @@ def verify_caches(locations: dict, family, sources: dict | None, installed_key: 
                 why = compare_with_rebuild(cache.read(key), family, sources)
             if why is not None:
                 bad += 1
-                console.print(f"[bold red]bad[/] {name} entry {escape(str(cache.root / key))}: {escape(why)}", soft_wrap=True)
+                where = escape(str(cache.root / key))
+                console.print(f"[bold red]bad[/] {name} entry {where}: {escape(why)}", soft_wrap=True)
     console.print(f"{checked - bad} of {checked} entries check")
     if sources is not None:
         console.print(f"{rebuilt} rebuilt from the installed transformers and compared byte for byte")

@@ -111,7 +111,8 @@ def test_source_that_does_not_parse_is_a_one_line_error(tmp_path, cache_dir, com
     source = source_tree_that_does_not_parse(tmp_path / "src")
     code, out, err = rewriter_cli(command, "gemma4", "--source-dir", str(source), cache_dir=cache_dir)
     assert code == 3
-    assert re.fullmatch(rf"error: {re.escape(str(source / 'cache_utils.py'))} does not parse: line \d+: invalid syntax\n", out)
+    broken = re.escape(str(source / "cache_utils.py"))
+    assert re.fullmatch(rf"error: {broken} does not parse: line \d+: invalid syntax\n", out)
     assert "Traceback" not in out + err
 
 
@@ -137,7 +138,8 @@ def test_prebuild_of_a_release_that_does_not_exist_is_a_one_line_error(tmp_path,
     code, out, err = rewriter_cli("prebuild", "9.9.9", "--out", str(tmp_path / "out"), cache_dir=cache_dir, env=env)
     assert code == 5
     assert out.strip() == (
-        "error: cannot download the transformers 9.9.9 wheel: ERROR: No matching distribution found for transformers==9.9.9"
+        "error: cannot download the transformers 9.9.9 wheel: "
+        "ERROR: No matching distribution found for transformers==9.9.9"
     )
     assert "Traceback" not in out + err
 

@@ -17,6 +17,7 @@ from rewriter import api, tiny
 from tests.conftest import run_python
 
 Attention = modeling_gemma4.Gemma4TextAttention
+MODELING = "models/gemma4/modeling_gemma4.py"
 
 
 def patched_functions():
@@ -57,14 +58,14 @@ def test_source_and_tracebacks_point_into_the_patched_file(patched):
 
 def test_classes_a_rule_adds_or_changes_show_their_patched_source(patched):
     """``inspect`` finds a class through its module's file: while patched, that is the patched copy of the module."""
-    patched_file = str(Path(patched.cache_path) / "transformers" / "models" / "gemma4" / "modeling_gemma4.py")
+    patched_file = str(Path(patched.cache_path) / "transformers" / MODELING)
     added = modeling_gemma4.Gemma4DequantizingLinear
     assert inspect.getsourcefile(added) == patched_file
     assert inspect.getsource(added).startswith("class Gemma4DequantizingLinear(nn.Linear):")
     assert "self.input_proj = Gemma4DequantizingLinear(" in inspect.getsource(modeling_gemma4.Gemma4VisionPatchEmbedder)
     assert "shared_kv_states[self.kv_shared_layer_index]" in inspect.getsource(Attention)
     rewriter.restore("gemma4")
-    assert inspect.getsourcefile(Attention) == str(Path(transformers.__file__).parent / "models/gemma4/modeling_gemma4.py")
+    assert inspect.getsourcefile(Attention) == str(Path(transformers.__file__).parent / MODELING)
 
 
 def test_compiling_twice_changes_nothing(cache_dir):
