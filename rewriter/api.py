@@ -169,17 +169,21 @@ def shipped_cache() -> CacheDir:
 
 
 def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
+    """``cache_dir``, else ``$REWRITER_CACHE_DIR`` (empty counts as unset), else the user cache folder. A relative
+    folder is taken from the current directory; an empty ``cache_dir`` is refused rather than guessed."""
     if cache_dir is None:
         cache_dir = os.environ.get("REWRITER_CACHE_DIR") or platformdirs.user_cache_dir("rewriter")
-    return CacheDir(Path(cache_dir))
+    elif not os.fspath(cache_dir):
+        raise ValueError("cache_dir is empty: pass None for the default cache folder, or '.' for the current one")
+    return CacheDir(cache_dir)
 
 
 def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped) -> tuple[Entry, str]:
+    user = user_cache(cache_dir)
     if use_shipped and not os.environ.get("REWRITER_NO_SHIPPED"):
         entry = shipped_cache().load(key)
         if entry is not None:
             return entry, "shipped"
-    user = user_cache(cache_dir)
     try:
         if user.root.exists():
             check_trusted(user.root)
@@ -194,7 +198,7 @@ def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipp
         try:
             return user.store(key, texts, outcomes, patches, components, release=version), "compiled"
         except OSError as error:
-            _warn_once(str(user.root), f"rewriter: cache folder {user.root} is not writable ({error}); compiling in memory")
+            _warn_once(str(user.root), f"rewriter: not storing the entry in {user.root}: {error}; compiling in memory")
             return Entry(user.root / key, texts, outcomes, patches), "memory"
 
 
