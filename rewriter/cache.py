@@ -148,10 +148,8 @@ class CacheDir:
                     raise
             if self.verify(key) is None:
                 return
-            aside = Path(tempfile.mkdtemp(prefix=REPLACED, dir=self.root)) / key
             with contextlib.suppress(FileNotFoundError):  # a concurrent writer may have moved it already
-                os.rename(folder, aside)
-            _remove(aside.parent)
+                self.remove(key)
         raise StoreError(f"{folder} kept changing while this entry was published")
 
     @contextlib.contextmanager
@@ -189,7 +187,12 @@ class CacheDir:
         return sum(path.stat().st_size for key in self.keys() for path in (self.root / key).rglob("*") if path.is_file())
 
     def remove(self, key: str) -> None:
-        _remove(self.root / key)
+        """Move the entry aside, then delete it, so that a writer publishing ``key`` meanwhile is never mixed in."""
+        aside = Path(tempfile.mkdtemp(prefix=REPLACED, dir=self.root))
+        try:
+            os.rename(self.root / key, aside / key)
+        finally:
+            _remove(aside)
 
     def clear(self) -> int:
         """Remove every entry, the locks, and what writers that were killed left behind."""
