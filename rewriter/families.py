@@ -56,14 +56,12 @@ def _load(rule: str) -> type:
 
 ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
 TEXT_ONLY_TRAINING = "rewriter.rules.token_types:TextOnlyTrainingRule"
-# Trainer's own accumulation bug: bound to every family that fine-tunes, as each compiles on its own.
-TRAINER = {"trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",)}
 FAMILIES = {
     "gemma3": Family(
         name="gemma3",
         supported=">=4.53,<6",
         releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
-        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, TEXT_ONLY_TRAINING), **TRAINER},
+        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, TEXT_ONLY_TRAINING)},
     ),
     "gemma3n": Family(
         name="gemma3n",
@@ -90,7 +88,8 @@ FAMILIES = {
                 "rewriter.rules.gemma4:LossAccumulationRule",
                 "rewriter.rules.gemma4:VisionPoolerFloat16Rule",
             ),
-            **TRAINER,
+            # Trainer's own bug, bound here only: a file bound to two families would be restored out of order.
+            "trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
     ),
