@@ -77,7 +77,7 @@ FAMILIES = {
     "gemma4": Family(
         name="gemma4",
         supported=">=5.5,<6",
-        releases=("5.5.0", "5.5.1", "5.5.2", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
+        releases=("5.5.0", "5.5.1", "5.5.2", "5.5.4", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
         files={
             "cache_utils.py": ("rewriter.rules.gemma4:KVSharedSliceRule",),
             "models/gemma4/modeling_gemma4.py": (

@@ -71,6 +71,26 @@ def vision_config(patch_size: int = 4, **text_overrides):
     )
 
 
+def overflowing_vision_model():
+    """A multimodal model whose standardized vision tower, in float16, overflows where the pooler scales by
+    sqrt(hidden_size) (the encoder output passes 65504 / 8), while its standardization (as trained checkpoints have)
+    brings the image features back to order 1. Float32, in eval mode; ``image_patches()`` is its input."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    config = vision_config()
+    config.vision_config.standardize = True
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    tower = model.model.vision_tower
+    pixels, positions = image_patches()
+    with torch.no_grad():
+        tower.patch_embedder.input_proj.weight.mul_(1e5)
+        tower.std_bias.zero_(), tower.std_scale.fill_(1.0)
+        scaled = tower(pixels, positions).last_hidden_state
+        tower.std_bias.copy_(scaled.mean(0)), tower.std_scale.copy_(1 / scaled.std(0))
+    return model
+
+
 def causal_lm(num_kv_shared_layers: int, seed: int = 0, config=None):
     from transformers import Gemma4ForCausalLM
 

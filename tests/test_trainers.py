@@ -120,21 +120,10 @@ def test_accumulated_step_equals_one_batch_and_transformers_5_6(patched):
 
 @pytest.fixture(scope="module")
 def overflowing_vision():
-    """A tiny standardized vision tower whose encoder output, scaled by sqrt(hidden_size), passes float16's 65504;
-    its standardization (as trained checkpoints have) brings the features back to order 1. The float32 features are
-    the reference."""
-    config = tiny.vision_config()
-    config.vision_config.standardize = True
-    torch.manual_seed(0)
-    model = Gemma4ForConditionalGeneration(config).eval()
-    tower = model.model.vision_tower
+    """The float16 model, its input, and the float32 features as the reference."""
+    model = tiny.overflowing_vision_model()
     pixels, positions = tiny.image_patches()
     with torch.no_grad():
-        tower.patch_embedder.input_proj.weight.mul_(1e5)
-        tower.std_bias.zero_(), tower.std_scale.fill_(1.0)
-        raw = tower(pixels, positions).last_hidden_state
-        assert raw.abs().max() > torch.finfo(torch.float16).max
-        tower.std_bias.copy_(raw.mean(0)), tower.std_scale.copy_(1 / raw.std(0))
         reference = model.model.get_image_features(pixels, positions).pooler_output
     return model.half(), pixels.half(), positions, reference
 
