@@ -7,6 +7,8 @@ The accumulation oracle is transformers 5.6.0, which fixed both accumulation bug
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from trl import SFTConfig, SFTTrainer
 import rewriter
 from rewriter import tiny
 from tests.accumulation import seeded_model, step_summary, train_one_step
+from tests.conftest import ROOT, run_python
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "accumulation_reference.pt", weights_only=True)
 # Sized for bitsandbytes on the CPU: every quantized linear 64 wide or more, outputs a multiple of 32.
@@ -144,3 +147,19 @@ def test_float16_vision_features_are_finite_and_close_to_float32(overflowing_vis
     assert features.dtype == torch.float16 and torch.isfinite(features).all()
     # float16 keeps 11 bits: the error of the overflowing activations it rounds, carried through standardization
     torch.testing.assert_close(features.float(), reference, rtol=0, atol=5e-3)
+
+
+def example_losses(result) -> list[float]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [float(line.split()[3]) for line in result.stdout.splitlines() if line.startswith("step ")]
+
+
+def test_the_sft_example_trains_alone_and_under_torchrun_with_the_same_loss(tmp_path):
+    """The same global batch of 4 rows: 2 rows x 2 accumulated in one process, 1 x 2 in each of 2 processes."""
+    script = str(ROOT / "examples" / "sft_text_only.py")
+    alone = run_python("", script, "--steps", "1", "--batch", "2", "--accumulation", "2", cwd=tmp_path)
+    assert "text-only-training applied" in alone.stdout and "world size 1" in alone.stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script, "--steps", "1", "--batch", "1"]
+    distributed = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert "world size 2" in distributed.stdout
+    assert example_losses(distributed) == pytest.approx(example_losses(alone), rel=1e-6)
