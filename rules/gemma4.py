@@ -492,7 +492,7 @@ class LossAccumulationRule(Rule):
     """
 
     id = "loss-accumulation"
-    marker = "nn.CrossEntropyLoss()"
+    marker = "class Gemma4ForConditionalGeneration"
     scope = IN_CONDITIONAL_GENERATION
     expected = "Gemma4ForConditionalGeneration.forward computing `nn.CrossEntropyLoss()` under `if labels is not None`"
 
