@@ -40,8 +40,12 @@ from rewriter import tiny  # noqa: E402
 
 def model_and_tokenizer():
     if args.checkpoint:
-        return AutoModelForImageTextToText.from_pretrained(args.checkpoint), AutoTokenizer.from_pretrained(args.checkpoint)
-    config = tiny.vision_config(use_bidirectional_attention="vision") if args.family == "gemma4" else tiny.gemma3_vision_config()
+        model = AutoModelForImageTextToText.from_pretrained(args.checkpoint)
+        return model, AutoTokenizer.from_pretrained(args.checkpoint)
+    if args.family == "gemma4":
+        config = tiny.vision_config(use_bidirectional_attention="vision")  # as Gemma-4 31B and 26B-A4B
+    else:
+        config = tiny.gemma3_vision_config()
     torch.manual_seed(0)
     return AutoModelForImageTextToText.from_config(config), tiny.word_tokenizer()
 
@@ -62,7 +66,8 @@ def main() -> None:
         use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and launched_distributed else None,
     )
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+    text_attention = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=text_attention)
     dataset = Dataset.from_dict({"text": tiny.sentences(16)})  # your dataset: a "text" column, or chat "messages"
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     if trainer.is_world_process_zero():

@@ -467,8 +467,9 @@ class InputProjDequantRule(Rule):
 
 IN_CONDITIONAL_GENERATION = m.ClassDef(name=m.Name("Gemma4ForConditionalGeneration"))
 IN_INIT = m.FunctionDef(name=m.Name("__init__"))
+ACCEPTS_LOSS_KWARGS = m.Name("accepts_loss_kwargs")
 ACCEPTS_NO_LOSS_KWARGS = m.Assign(
-    targets=[m.AssignTarget(m.Name("accepts_loss_kwargs") | m.Attribute(value=SELF, attr=m.Name("accepts_loss_kwargs")))],
+    targets=[m.AssignTarget(ACCEPTS_LOSS_KWARGS | m.Attribute(value=SELF, attr=ACCEPTS_LOSS_KWARGS))],
     value=m.Name("False"),
 )
 SUPER_INIT = m.SimpleStatementLine(
@@ -476,6 +477,7 @@ SUPER_INIT = m.SimpleStatementLine(
 )
 CROSS_ENTROPY = m.Call(func=m.Attribute(value=m.Name("nn"), attr=m.Name("CrossEntropyLoss")))
 LABELS_GIVEN = m.Comparison(left=m.Name("labels"), comparisons=[m.ComparisonTarget(m.IsNot(), NONE)])
+OWN_LOSS = m.If(test=LABELS_GIVEN)  # with `nn.CrossEntropyLoss()` somewhere in its body
 LOSS_FUNCTION_CALL = m.Call(func=m.Attribute(value=SELF, attr=m.Name("loss_function")))
 LOSS_FUNCTION = "loss = self.loss_function(logits, labels, self.config.get_text_config().vocab_size, **{kwargs})\n"
 NO_LOSS_KWARGS = "self.accepts_loss_kwargs = False\n"
@@ -568,7 +570,9 @@ class LossAccumulationRule(Rule):
 
     @m.leave(IN_FORWARD)
     def use_loss_function(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
-        own_losses = [node for node in updated_node.body.body if m.matches(node, m.If(test=LABELS_GIVEN)) and m.findall(node, CROSS_ENTROPY)]
+        own_losses = [
+            node for node in updated_node.body.body if m.matches(node, OWN_LOSS) and m.findall(node, CROSS_ENTROPY)
+        ]
         if not own_losses or self.parts["declared"]:
             return updated_node
         kwargs = updated_node.params.star_kwarg
@@ -578,7 +582,8 @@ class LossAccumulationRule(Rule):
         self.parts["own loss"] += 1
         self.rewrote()
         own = own_losses[0]
-        loss = cst.parse_statement(LOSS_FUNCTION.format(kwargs=kwargs.name.value), config=self.module.config_for_parsing)
+        code = LOSS_FUNCTION.format(kwargs=kwargs.name.value)
+        loss = cst.parse_statement(code, config=self.module.config_for_parsing)
         return updated_node.deep_replace(own, own.with_changes(body=own.body.with_changes(body=[loss])))
 
     @m.leave(IN_CONDITIONAL_GENERATION)
@@ -610,7 +615,9 @@ HIDDEN_STATES = m.Name("hidden_states")
 ROOT_HIDDEN_SIZE = m.Attribute(value=SELF, attr=m.Name("root_hidden_size"))
 SCALE_IN_PLACE = m.AugAssign(target=HIDDEN_STATES, operator=m.MultiplyAssign(), value=ROOT_HIDDEN_SIZE)
 SCALE_IN_FLOAT32 = m.BinaryOperation(
-    left=m.Call(func=m.Attribute(value=HIDDEN_STATES, attr=m.Name("float"))), operator=m.Multiply(), right=ROOT_HIDDEN_SIZE
+    left=m.Call(func=m.Attribute(value=HIDDEN_STATES, attr=m.Name("float"))),
+    operator=m.Multiply(),
+    right=ROOT_HIDDEN_SIZE,
 )
 STD_BUFFER = m.Attribute(value=SELF, attr=m.Name("std_bias") | m.Name("std_scale"))
 STANDARDIZE = m.If(
@@ -703,12 +710,14 @@ class VisionPoolerFloat16Rule(Rule):
 
     @m.call_if_inside(IN_VISION_MODEL)
     @m.leave(STANDARDIZE)
-    def standardize_in_float32(self, original_node: cst.If, updated_node: cst.If):  # a FlattenSentinel (LibCST cannot check that annotation)
+    def standardize_in_float32(self, original_node: cst.If, updated_node: cst.If):  # an If or a FlattenSentinel
         if not self.parts["scale"]:
             return updated_node
         self.parts["standardize"] += 1
         self.rewrote()
-        in_float32 = m.replace(updated_node, STD_BUFFER, lambda node, _: cst.parse_expression(f"self.{node.attr.value}.float()"))
+        in_float32 = m.replace(
+            updated_node, STD_BUFFER, lambda node, _: cst.parse_expression(f"self.{node.attr.value}.float()")
+        )
         cast = cst.parse_statement(BACK_TO_WORKING_DTYPE, config=self.module.config_for_parsing)
         return cst.FlattenSentinel([in_float32, cast])
 

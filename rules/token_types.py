@@ -78,7 +78,10 @@ class TextOnlyTrainingRule(Rule):
     )
     DRIFTED = (
         # the check does something else than raise
-        BUGGY.replace('raise ValueError("`token_type_ids` is required as a model input when training")', "token_type_ids = default_token_types(inputs_embeds)"),
+        BUGGY.replace(
+            'raise ValueError("`token_type_ids` is required as a model input when training")',
+            "token_type_ids = default_token_types(inputs_embeds)",
+        ),
         # neither the check nor a guard on given token types
         '''
         def create_causal_mask_mapping(config, inputs_embeds, token_type_ids=None, **kwargs):

@@ -13,9 +13,13 @@ NUM_STEPS = m.Subscript(
     value=m.Name("grad_acc_kwargs"), slice=[m.SubscriptElement(m.Index(m.SimpleString('"num_steps"')))]
 )
 NUM_STEPS_GIVEN = m.If(
-    test=m.Comparison(left=m.SimpleString('"num_steps"'), comparisons=[m.ComparisonTarget(m.In(), m.Name("grad_acc_kwargs"))])
+    test=m.Comparison(
+        left=m.SimpleString('"num_steps"'), comparisons=[m.ComparisonTarget(m.In(), m.Name("grad_acc_kwargs"))]
+    )
 )
-ACCUMULATION_STEPS = m.Attribute(value=m.Attribute(value=m.Name("self"), attr=m.Name("args")), attr=m.Name("gradient_accumulation_steps"))
+ACCUMULATION_STEPS = m.Attribute(
+    value=m.Attribute(value=m.Name("self"), attr=m.Name("args")), attr=m.Name("gradient_accumulation_steps")
+)
 ELSE_ACCELERATE_ACCUMULATES = m.Else(
     body=m.IndentedBlock(
         body=[m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(NUM_STEPS)], value=ACCUMULATION_STEPS)])]
@@ -33,7 +37,10 @@ class AccumulationDoubleDivisionRule(Rule):
     id = "accumulation-double-division"
     marker = 'grad_acc_kwargs["num_steps"] = self.args.gradient_accumulation_steps'
     scope = IN_TRAINER
-    expected = '`else: grad_acc_kwargs["num_steps"] = self.args.gradient_accumulation_steps` in Trainer.create_accelerator_and_postprocess'
+    expected = (
+        '`else: grad_acc_kwargs["num_steps"] = self.args.gradient_accumulation_steps`'
+        " in Trainer.create_accelerator_and_postprocess"
+    )
 
     BUGGY = '''
         class Trainer:
@@ -72,14 +79,17 @@ class AccumulationDoubleDivisionRule(Rule):
     )
     DRIFTED = (
         # the steps reach Accelerate some third way
-        BUGGY.replace('grad_acc_kwargs["num_steps"] = self.args.gradient_accumulation_steps', "grad_acc_kwargs.update(num_steps=self.args.gradient_accumulation_steps)"),
+        BUGGY.replace(
+            'grad_acc_kwargs["num_steps"] = self.args.gradient_accumulation_steps',
+            "grad_acc_kwargs.update(num_steps=self.args.gradient_accumulation_steps)",
+        ),
         # the method was renamed
         BUGGY.replace("def create_accelerator_and_postprocess(", "def create_accelerator("),
     )
 
     @m.call_if_inside(IN_CREATE_ACCELERATOR)
     @m.leave(NUM_STEPS_GIVEN)
-    def tell_accelerate_one_step(self, original_node: cst.If, updated_node: cst.If):  # a FlattenSentinel (LibCST cannot check that annotation)
+    def tell_accelerate_one_step(self, original_node: cst.If, updated_node: cst.If):  # an If or a FlattenSentinel
         if updated_node.orelse is None:
             self.found_fixed()
             return updated_node

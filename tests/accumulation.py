@@ -34,7 +34,8 @@ def train_one_step(batch_size: int, accumulation: int) -> tuple[float, dict[str,
     from transformers import Trainer, TrainingArguments
 
     rows = ROWS.tolist()
-    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows, "mm_token_type_ids": [[0] * len(row) for row in rows]})
+    all_text = [[0] * len(row) for row in rows]  # the unpatched release needs token types; patched, it does not
+    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows, "mm_token_type_ids": all_text})
     model = seeded_model()
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="accumulation-"),

@@ -70,7 +70,8 @@ def main(cache_dir: str) -> dict:
     result["packed_input_proj_gap"] = (projected - reference).abs().max().item()
 
     torch.manual_seed(0)
-    bidirectional = transformers.Gemma4ForConditionalGeneration(tiny.vision_config(use_bidirectional_attention="vision"))
+    bidirectional_config = tiny.vision_config(use_bidirectional_attention="vision")
+    bidirectional = transformers.Gemma4ForConditionalGeneration(bidirectional_config)
     with torch.no_grad():
         text_only = bidirectional.train()(input_ids=ids).logits
         all_text = bidirectional(input_ids=ids, mm_token_type_ids=torch.zeros_like(ids)).logits
@@ -78,7 +79,8 @@ def main(cache_dir: str) -> dict:
 
     (whole, after_whole), (accumulated, after_accumulated) = train_one_step(4, 1), train_one_step(1, 4)
     result["accumulation_loss_gap"] = abs(whole - accumulated)
-    result["accumulation_weight_gap"] = max((after_whole[n] - after_accumulated[n]).abs().max().item() for n in after_whole)
+    gaps = [(after_whole[name] - after_accumulated[name]).abs().max().item() for name in after_whole]
+    result["accumulation_weight_gap"] = max(gaps)
 
     vision = tiny.overflowing_vision_model().half()
     with torch.no_grad():
@@ -102,7 +104,8 @@ def main(cache_dir: str) -> dict:
     patched, upstream = (entry / target).read_text(), (package / target).read_text()
     for rule, names in NOT_NEEDED_PARTS.items():
         if report.outcome(rule).status == "not_needed":
-            unchanged.update({name: definition_text(patched, name) == definition_text(upstream, name) for name in names})
+            for name in names:
+                unchanged[name] = definition_text(patched, name) == definition_text(upstream, name)
     if report.outcome("accumulation-double-division").status == "not_needed":
         unchanged["trainer.py"] = (entry / "trainer.py").read_text() == (package / "trainer.py").read_text()
     result["unchanged_where_not_needed"] = unchanged

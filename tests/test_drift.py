@@ -93,7 +93,9 @@ def functions():
         "Gemma4TextRotaryEmbedding.__init__": modeling_gemma4.Gemma4TextRotaryEmbedding.__init__.__code__,
         "create_causal_mask_mapping": modeling_gemma4.create_causal_mask_mapping.__code__,
         "Gemma4ForConditionalGeneration.__init__": modeling_gemma4.Gemma4ForConditionalGeneration.__init__.__code__,
-        "Gemma4ForConditionalGeneration.forward": inspect.unwrap(modeling_gemma4.Gemma4ForConditionalGeneration.forward).__code__,
+        "Gemma4ForConditionalGeneration.forward": inspect.unwrap(
+            modeling_gemma4.Gemma4ForConditionalGeneration.forward
+        ).__code__,
         "Gemma4VisionPooler.forward": modeling_gemma4.Gemma4VisionPooler.forward.__code__,
         "Gemma4VisionModel.forward": inspect.unwrap(modeling_gemma4.Gemma4VisionModel.forward).__code__,
         "Trainer.create_accelerator_and_postprocess": trainer.Trainer.create_accelerator_and_postprocess.__code__,

@@ -64,7 +64,10 @@ for version, statuses in GEMMA4.items():
     statuses["accumulation-double-division"] = (APPLIED, 1) if release(version) < (5, 5, 4) else (NOT_NEEDED, 0)
 MATRIX = {
     "gemma3": {
-        version: {"rotary-buffer-order": rotary_buffer_order(version), "text-only-training": text_only_training(version)}
+        version: {
+            "rotary-buffer-order": rotary_buffer_order(version),
+            "text-only-training": text_only_training(version),
+        }
         for version in FAMILIES["gemma3"].releases
     },
     "gemma3n": {

@@ -25,7 +25,9 @@ from tests.conftest import ROOT, run_python
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "accumulation_reference.pt", weights_only=True)
 # Sized for bitsandbytes on the CPU: every quantized linear 64 wide or more, outputs a multiple of 32.
-QLORA_WIDTHS = dict(hidden_size=128, intermediate_size=256, head_dim=32, global_head_dim=64, hidden_size_per_layer_input=64)
+QLORA_WIDTHS = dict(
+    hidden_size=128, intermediate_size=256, head_dim=32, global_head_dim=64, hidden_size_per_layer_input=64
+)
 # LoRA on the text layers (Gemma-4's vision tower has its own clippable linears, which peft does not wrap).
 LANGUAGE_MODEL_ATTENTION = r".*language_model.*\.(q_proj|v_proj)"
 MULTIMODAL = {
@@ -50,7 +52,9 @@ def checkpoint(request, tmp_path_factory) -> tuple[str, str]:
 
 def sft_trainer(model, output_dir: Path, peft_config=None, **arguments) -> SFTTrainer:
     """TRL's SFTTrainer on a text-only dataset, as a tokenizer makes it: no token types."""
-    args = SFTConfig(output_dir=str(output_dir), report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, **arguments)
+    args = SFTConfig(
+        output_dir=str(output_dir), report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, **arguments
+    )
     dataset = Dataset.from_dict({"text": tiny.sentences()})
     return SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tiny.word_tokenizer(), peft_config=peft_config
@@ -84,7 +88,8 @@ def test_sft_trains_lora_adapters_on_a_4bit_model_with_text_only_data(checkpoint
     family, folder = checkpoint
     report = rewriter.compile(family, cache_dir=cache_dir, strict=True)
     assert report.outcome("text-only-training").status == "applied"
-    model = load(family, folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = load(family, folder, quantization_config=quantization)
     assert any(type(module).__name__ == "Linear4bit" for module in model.modules())
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LANGUAGE_MODEL_ATTENTION)
     trainer = sft_trainer(
@@ -159,7 +164,8 @@ def test_the_sft_example_trains_alone_and_under_torchrun_with_the_same_loss(tmp_
     script = str(ROOT / "examples" / "sft_text_only.py")
     alone = run_python("", script, "--steps", "1", "--batch", "2", "--accumulation", "2", cwd=tmp_path)
     assert "text-only-training applied" in alone.stdout and "world size 1" in alone.stdout
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script, "--steps", "1", "--batch", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script, "--steps", "1"]
+    torchrun += ["--batch", "1"]
     distributed = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert "world size 2" in distributed.stdout
     assert example_losses(distributed) == pytest.approx(example_losses(alone), rel=1e-6)
