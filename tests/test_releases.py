@@ -190,7 +190,7 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     assert result["packed_input_proj_gap"] == 0.0
     assert result["text_only_training_gap"] == 0.0
     assert result["accumulation_loss_gap"] < 1e-5 and result["accumulation_weight_gap"] < 1e-6
-    assert result["float16_image_features_finite"]
+    assert result["float16_vision_features_finite"]
     assert all(result["unchanged_where_not_needed"].values()), result["unchanged_where_not_needed"]
     for family, names in result["rotary_buffer_orders"].items():
         assert names == sorted(names, key=lambda name: name.split("_attention")[0]), family  # full before sliding
