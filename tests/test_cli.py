@@ -29,6 +29,10 @@ def test_compile_json(cache_dir):
         ("kv-sharing-without-cache", "applied", 2),
         ("input-proj-dequant", "applied", 2),
         ("rotary-buffer-order", "applied", 1),
+        ("text-only-training", "applied", 1),
+        ("loss-accumulation", "applied", 2),
+        ("fp16-vision-pooler", "applied", 2),
+        ("accumulation-double-division", "applied", 1),
     ]
     assert report["source"] == "shipped"
 
