@@ -467,6 +467,7 @@ class InputProjDequantRule(Rule):
 
 IN_CONDITIONAL_GENERATION = m.ClassDef(name=m.Name("Gemma4ForConditionalGeneration"))
 IN_INIT = m.FunctionDef(name=m.Name("__init__"))
+IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
 ACCEPTS_LOSS_KWARGS = m.Name("accepts_loss_kwargs")
 ACCEPTS_NO_LOSS_KWARGS = m.Assign(
     targets=[m.AssignTarget(ACCEPTS_LOSS_KWARGS | m.Attribute(value=SELF, attr=ACCEPTS_LOSS_KWARGS))],
