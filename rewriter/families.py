@@ -55,12 +55,13 @@ def _load(rule: str) -> type:
 
 
 ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
+TEXT_ONLY_TRAINING = "rewriter.rules.token_types:TextOnlyTrainingRule"
 FAMILIES = {
     "gemma3": Family(
         name="gemma3",
         supported=">=4.53,<6",
         releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
-        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER,)},
+        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, TEXT_ONLY_TRAINING)},
     ),
     "gemma3n": Family(
         name="gemma3n",
@@ -76,14 +77,19 @@ FAMILIES = {
     "gemma4": Family(
         name="gemma4",
         supported=">=5.5,<6",
-        releases=("5.5.0", "5.5.1", "5.5.2", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
+        releases=("5.5.0", "5.5.1", "5.5.2", "5.5.4", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
         files={
             "cache_utils.py": ("rewriter.rules.gemma4:KVSharedSliceRule",),
             "models/gemma4/modeling_gemma4.py": (
                 "rewriter.rules.gemma4:KVSharingWithoutCacheRule",
                 "rewriter.rules.gemma4:InputProjDequantRule",
                 ROTARY_BUFFER_ORDER,
+                TEXT_ONLY_TRAINING,
+                "rewriter.rules.gemma4:LossAccumulationRule",
+                "rewriter.rules.gemma4:VisionPoolerFloat16Rule",
             ),
+            # Trainer's own bug, bound here only: a file bound to two families would be restored out of order.
+            "trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
     ),

@@ -35,11 +35,17 @@ def rotary_buffer_order(version: str) -> tuple[str, int]:
     return (APPLIED, 1) if (5, 0) <= release(version) < (5, 16) else (NOT_NEEDED, 0)
 
 
+def text_only_training(version: str) -> tuple[str, int]:
+    """The mask builder's check that token types are given in training: 5.0 to 5.5.4 (Gemma-4 from 5.5.0)."""
+    return (APPLIED, 1) if (5, 0) <= release(version) < (5, 6) else (NOT_NEEDED, 0)
+
+
 # BUGS.md's tables: which rule each release needs, and at how many sites.
 GEMMA4 = {
     "5.5.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
     "5.5.1": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
     "5.5.2": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.5.4": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
     "5.8.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
     "5.12.1": {"kv-shared-slice": (APPLIED, 1), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
     "5.13.1": {"kv-shared-slice": (APPLIED, 1), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
@@ -52,8 +58,18 @@ GEMMA4 = {
 for version, statuses in GEMMA4.items():
     statuses["input-proj-dequant"] = (APPLIED, 2 if release(version) < (5, 13) else 1)
     statuses["rotary-buffer-order"] = rotary_buffer_order(version)
+    statuses["text-only-training"] = text_only_training(version)
+    statuses["loss-accumulation"] = (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0)
+    statuses["fp16-vision-pooler"] = (APPLIED, 2) if release(version) < (5, 10) else (NOT_NEEDED, 0)
+    statuses["accumulation-double-division"] = (APPLIED, 1) if release(version) < (5, 5, 4) else (NOT_NEEDED, 0)
 MATRIX = {
-    "gemma3": {version: {"rotary-buffer-order": rotary_buffer_order(version)} for version in FAMILIES["gemma3"].releases},
+    "gemma3": {
+        version: {
+            "rotary-buffer-order": rotary_buffer_order(version),
+            "text-only-training": text_only_training(version),
+        }
+        for version in FAMILIES["gemma3"].releases
+    },
     "gemma3n": {
         version: {
             "rotary-buffer-order": rotary_buffer_order(version),
@@ -104,6 +120,10 @@ def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
         ("kv-sharing-without-cache", "models/gemma4/modeling_gemma4.py"),
         ("kv-sharing-without-cache", "models/gemma3n/modeling_gemma3n.py"),
         ("input-proj-dequant", "models/gemma4/modeling_gemma4.py"),
+        ("loss-accumulation", "models/gemma4/modeling_gemma4.py"),
+        ("fp16-vision-pooler", "models/gemma4/modeling_gemma4.py"),
+        # the training check on token types, in two families rewriter does not patch as well
+        *(("text-only-training", f"models/{model}/modeling_{model}.py") for model in ("gemma3", "gemma4", "git", "paligemma")),
     }
 
 
@@ -168,13 +188,22 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     assert result["static_generate_equals_dynamic"]
     assert result["use_cache_gap"] == 0.0
     assert result["packed_input_proj_gap"] == 0.0
+    assert result["text_only_training_gap"] == 0.0
+    assert result["accumulation_loss_gap"] < 1e-5 and result["accumulation_weight_gap"] < 1e-6
+    assert result["float16_vision_features_finite"]
     assert all(result["unchanged_where_not_needed"].values()), result["unchanged_where_not_needed"]
     for family, names in result["rotary_buffer_orders"].items():
         assert names == sorted(names, key=lambda name: name.split("_attention")[0]), family  # full before sliding
     needed_nothing = {rule for rule, (status, _) in GEMMA4[version].items() if status == NOT_NEEDED}
-    expected_parts = ({"cache_utils.py"} if "kv-shared-slice" in needed_nothing else set()) | (
-        {"Gemma4TextAttention", "Gemma4TextModel"} if "kv-sharing-without-cache" in needed_nothing else set()
-    )
+    parts = {
+        "kv-shared-slice": {"cache_utils.py"},
+        "kv-sharing-without-cache": {"Gemma4TextAttention", "Gemma4TextModel"},
+        "text-only-training": {"create_causal_mask_mapping", "Gemma4Model"},
+        "loss-accumulation": {"Gemma4ForConditionalGeneration"},
+        "fp16-vision-pooler": {"Gemma4VisionPooler", "Gemma4VisionModel"},
+        "accumulation-double-division": {"trainer.py"},
+    }
+    expected_parts = set().union(*(parts[rule] for rule in needed_nothing if rule in parts))
     assert set(result["unchanged_where_not_needed"]) == expected_parts
 
 
