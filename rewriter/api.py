@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import linecache
 import logging
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,16 +104,19 @@ def compile(
     _check_drift(report, strict)
 
     restore(spec.name)
-    installed: list[installer.Installed] = []
+    active = _Active(report, [])
     try:
         for target, patch in entry.patches.items():
             filename = str(entry.path(target)) if where != "memory" else _in_memory(key, target, entry.texts[target])
-            installed.append(installer.install(patch, entry.texts[target], filename))
+            install = functools.partial(_install, active, patch, entry.texts[target], filename)
+            if target.startswith("models/") or patch.module in sys.modules:
+                install()
+            else:  # a module the family does not need to run (``trainer.py``): patched if the program imports it
+                onimport.when_imported(patch.module, spec.name, install)
     except BaseException:
-        for done in reversed(installed):
-            installer.uninstall(done)
+        _uninstall(spec.name, active)
         raise
-    active = _active[spec.name] = _Active(report, installed)
+    _active[spec.name] = active
     active.set_attention(spec, compile_attention)
     active.set_decoding(spec, compile_decode)
     return active.report
@@ -127,7 +132,7 @@ def compile_on_import(*families: str, **options) -> dict[str, CompileReport]:
     """
     specs = [get_family(name) for name in families or FAMILIES]
     for spec in specs:
-        onimport.when_imported(spec.modeling_module, lambda module, name=spec.name: compile(name, **options))
+        onimport.when_imported(spec.modeling_module, spec.name, lambda name=spec.name: compile(name, **options))
     return {spec.name: _active[spec.name].report for spec in specs if spec.name in _active}
 
 
@@ -141,17 +146,26 @@ def restore(family: str) -> bool:
     """Put back the original code of ``family``'s classes and stop patching it on import; ``False`` if nothing
     was installed."""
     spec = get_family(family)
-    onimport.forget(spec.modeling_module)
     active = _active.pop(spec.name, None)
+    _uninstall(spec.name, active)
+    return active is not None
+
+
+def _install(active: _Active, patch: installer.ModulePatch, text: str, filename: str) -> None:
+    active.installed.append(installer.install(patch, text, filename))
+
+
+def _uninstall(family: str, active: _Active | None) -> None:
+    """Forget ``family``'s import hooks, and put back what ``active`` installed."""
+    onimport.forget(family)
     if active is None:
-        return False
+        return
     if active.attention is not None:
         active.attention.uninstall()
     if active.decoding is not None:
         active.decoding.uninstall()
     for installed in reversed(active.installed):
         installer.uninstall(installed)
-    return True
 
 
 def attention_graphs(family: str) -> list[dict]:
@@ -197,17 +211,21 @@ def shipped_cache() -> CacheDir:
 
 
 def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
+    """``cache_dir``, else ``$REWRITER_CACHE_DIR`` (empty counts as unset), else the user cache folder. A relative
+    folder is taken from the current directory; an empty ``cache_dir`` is refused rather than guessed."""
     if cache_dir is None:
         cache_dir = os.environ.get("REWRITER_CACHE_DIR") or platformdirs.user_cache_dir("rewriter")
-    return CacheDir(Path(cache_dir))
+    elif not os.fspath(cache_dir):
+        raise ValueError("cache_dir is empty: pass None for the default cache folder, or '.' for the current one")
+    return CacheDir(cache_dir)
 
 
 def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped) -> tuple[Entry, str]:
+    user = user_cache(cache_dir)
     if use_shipped and not os.environ.get("REWRITER_NO_SHIPPED"):
         entry = shipped_cache().load(key)
         if entry is not None:
             return entry, "shipped"
-    user = user_cache(cache_dir)
     try:
         if user.root.exists():
             check_trusted(user.root)
@@ -222,7 +240,7 @@ def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipp
         try:
             return user.store(key, texts, outcomes, patches, components, release=version), "compiled"
         except OSError as error:
-            _warn_once(str(user.root), f"rewriter: cache folder {user.root} is not writable ({error}); compiling in memory")
+            _warn_once(str(user.root), f"rewriter: not storing the entry in {user.root}: {error}; compiling in memory")
             return Entry(user.root / key, texts, outcomes, patches), "memory"
 
 

@@ -1,8 +1,14 @@
-"""``python -m rewriter``: compile, diff, report, scan, the caches and the demo from the command line."""
+"""``python -m rewriter``: compile, diff, report, scan, the caches and the demo from the command line.
+
+Exit codes: 0 all good; 1 a rule drifted or a cache entry is bad; 2 a usage error, an unknown family or an
+unsupported transformers; 3 a source file does not parse; 4 a file or folder (a cache's included) cannot be read or
+written; 5 a release wheel cannot be downloaded. On error, ``--json`` prints ``{"error", "kind", "exit_code"}``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import json
 import os
@@ -11,11 +17,30 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from rewriter.report import CompileReport, RewriterError, RuleOutcome
+from rewriter.releases import FetchError
+from rewriter.report import (
+    CompileReport,
+    RewriterError,
+    RuleDriftError,
+    RuleOutcome,
+    SourceSyntaxError,
+    UnsupportedTransformersError,
+)
 
 STATUS_STYLE = {"applied": "green", "not_needed": "cyan", "drift": "bold red"}
+# The kind of each error the command line reports, and its exit code; the first matching class wins.
+ERRORS = (
+    (RuleDriftError, "drift", 1),
+    (UnsupportedTransformersError, "unsupported", 2),
+    (SourceSyntaxError, "syntax", 3),
+    (FetchError, "fetch", 5),
+    (RewriterError, "usage", 2),
+    (ValueError, "usage", 2),
+    (OSError, "file", 4),
+)
 
 
 def report_table(report: CompileReport) -> Table:
@@ -53,12 +78,10 @@ def compile_command(args, console: Console) -> int:
 
 
 def diff_command(args, console: Console) -> int:
-    from rewriter.engine import rewrite
-    from rewriter.families import get_family, read_sources
+    from rewriter.families import get_family
 
     family = get_family(args.family)
-    sources = read_sources(family, transformers_folder(family, args.source_dir))
-    patched, outcomes = rewrite(family, sources)
+    sources, patched, outcomes = rewrite_folder(family, args.source_dir)
     for target in family.targets:
         sys.stdout.writelines(
             difflib.unified_diff(
@@ -73,11 +96,10 @@ def diff_command(args, console: Console) -> int:
 
 def report_command(args, console: Console) -> int:
     """The rules' verdicts on a transformers source tree (an unzipped wheel), which is never imported."""
-    from rewriter.engine import rewrite
-    from rewriter.families import get_family, read_sources
+    from rewriter.families import get_family
 
     family = get_family(args.family)
-    _, outcomes = rewrite(family, read_sources(family, transformers_folder(family, args.source_dir)))
+    _, _, outcomes = rewrite_folder(family, args.source_dir)
     if args.json:
         print(json.dumps([asdict(outcome) for outcome in outcomes], indent=2))
     else:
@@ -86,11 +108,34 @@ def report_command(args, console: Console) -> int:
     return 1 if any(outcome.status == "drift" for outcome in outcomes) else 0
 
 
+def rewrite_folder(family, source_dir: str | None):
+    """The sources of ``--source-dir`` (else of the installed transformers), what the rules make of them, and their
+    outcomes; ``SourceSyntaxError`` when a source file does not parse."""
+    import libcst
+
+    from rewriter.engine import rewrite
+    from rewriter.families import read_sources
+
+    folder = transformers_folder(family, source_dir)
+    sources = read_sources(family, folder)
+    for target, text in sources.items():
+        try:
+            ast.parse(text, str(folder / target))
+        except SyntaxError as error:
+            raise SourceSyntaxError(f"{folder / target} does not parse: line {error.lineno}: {error.msg}") from None
+    try:
+        return (sources, *rewrite(family, sources))
+    except libcst.ParserSyntaxError as error:
+        raise SourceSyntaxError(f"LibCST cannot parse a source file in {folder}: {error.message}") from None
+
+
 def transformers_folder(family, source_dir: str | None) -> Path:
     """``--source-dir`` (a transformers package folder), else the installed transformers, version-checked."""
     from rewriter.families import installed_transformers
 
-    return Path(source_dir) if source_dir else installed_transformers(family)[1]
+    if source_dir == "":
+        raise ValueError("--source-dir is empty: name a transformers package folder, or leave it out")
+    return Path(source_dir) if source_dir is not None else installed_transformers(family)[1]
 
 
 def cache_command(args, console: Console) -> int:
@@ -102,33 +147,46 @@ def cache_command(args, console: Console) -> int:
     if args.action == "clear":
         console.print(f"removed {locations['user'].clear()} entries from {locations['user'].root}")
         return 0
-    if args.action == "verify":
-        bad = [
-            (name, key, why)
-            for name, cache in locations.items()
-            for key in cache.keys()
-            if (why := cache.verify(key)) is not None
-        ]
-        for name, key, why in bad:
-            console.print(f"[bold red]bad[/] {name} entry {locations[name].root / key}: {why}")
-        checked = sum(len(cache.keys()) for cache in locations.values())
-        console.print(f"{checked - len(bad)} of {checked} entries check")
-        return 1 if bad else 0
-    keys = {}
-    for name, family in FAMILIES.items():
+    installed = {}  # key of each family's entry for the installed release -> (family, its sources)
+    for family in FAMILIES.values():
         try:
-            version, package = installed_transformers(family)
-            keys[name] = entry_key(key_components(family, read_sources(family, package)))
+            sources = read_sources(family, installed_transformers(family)[1])
         except RewriterError:
-            pass
+            continue
+        installed[entry_key(key_components(family, sources))] = family, sources
+    if args.action == "verify":
+        return verify_caches(locations, installed if args.deep else {}, console)
     table = Table(title=f"rewriter caches; installed transformers: {installed_version()}")
     for column in ("location", "folder", "entries", "bytes", "entries for the installed release"):
         table.add_column(column)
     for name, cache in locations.items():
-        hits = ", ".join(family for family, key in keys.items() if key in cache.keys()) or "none"
+        hits = ", ".join(family.name for key, (family, _) in installed.items() if key in cache.keys()) or "none"
         table.add_row(name, str(cache.root), str(len(cache.keys())), f"{cache.size():,}", hits)
     console.print(table)
     return 0
+
+
+def verify_caches(locations: dict, rebuild: dict, console: Console) -> int:
+    """Check every entry; rebuild those in ``rebuild`` (``--deep``: ``{key: (family, sources)}`` of the installed
+    release) and compare them byte for byte."""
+    from rewriter.prebuild import compare_with_rebuild
+
+    checked = bad = rebuilt = 0
+    for name, cache in locations.items():
+        for key in cache.keys():
+            checked += 1
+            why = cache.verify(key)
+            if why is None and key in rebuild:
+                rebuilt += 1
+                why = compare_with_rebuild(cache.read(key), *rebuild[key])
+            if why is not None:
+                bad += 1
+                where = escape(str(cache.root / key))
+                console.print(f"[bold red]bad[/] {name} entry {where}: {escape(why)}", soft_wrap=True)
+    console.print(f"{checked - bad} of {checked} entries check")
+    if rebuild:
+        console.print(f"{rebuilt} rebuilt from the installed transformers and compared byte for byte")
+    return 1 if bad else 0
 
 
 def prebuild_command(args, console: Console) -> int:
@@ -194,6 +252,9 @@ def parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="inspect, check or empty the caches")
     cache.add_argument("action", choices=("info", "verify", "clear"))
     cache.add_argument("--cache-dir", help="user cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
+    cache.add_argument(
+        "--deep", action="store_true", help="verify: also rebuild each entry of the installed release and compare"
+    )
     cache.set_defaults(run=cache_command)
     scan = commands.add_parser("scan", help="list every file of a transformers tree with a buggy shape a rule knows")
     scan.add_argument("--source-dir", help="a transformers package folder (an unzipped wheel) instead of the installed")
@@ -213,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", 160)))
     try:
         return args.run(args, console)
-    except (RewriterError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}")
-        return 2
+    except (RewriterError, ValueError, OSError) as error:
+        kind, code = next((kind, code) for kinds, kind, code in ERRORS if isinstance(error, kinds))
+        message = " ".join(str(error).split())  # one line
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message, "kind": kind, "exit_code": code}))
+        else:
+            console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        return code

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +79,41 @@ def packed_input_proj() -> tuple[bool, str]:
     return gap == 0.0, f"vision forward runs; max |input_proj - F.linear(dequantized)| = {gap:.4g}"
 
 
+ROTARY_ORDER = """
+import sys
+import rewriter
+from rewriter import tiny
+if sys.argv[1] == "patched":
+    rewriter.compile("gemma4")
+names = [name.split(".")[-1] for name, _ in tiny.causal_lm(2).named_buffers() if name.endswith("attention_inv_freq")]
+print(", ".join(name.removesuffix("_attention_inv_freq") for name in names))
+"""
+
+
+def rotary_buffer_order() -> tuple[bool, str]:
+    """Rotary order: processes with other string hash seeds (two ranks of one job) order the buffers differently."""
+    import rewriter
+
+    state = "patched" if rewriter.compiled("gemma4") is not None else "unpatched"
+    orders = [
+        subprocess.run(
+            [sys.executable, "-c", ROTARY_ORDER, state],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("0", "1")
+    ]
+    return orders[0] == orders[1], f"hash seed 0: {orders[0]}; hash seed 1: {orders[1]}"
+
+
 CHECKS = (
     Check("1 kv-shared-slice", "StaticCache generate, num_kv_shared_layers=0", static_cache_generate),
     Check("1 kv-shared-slice", "DynamicCache sliding layers after 40 tokens", dynamic_cache_layers),
     Check("2 kv-sharing-without-cache", "use_cache=False vs True, 2 KV-shared layers", use_cache_parity),
     Check("3 input-proj-dequant", "vision tower with a 4-bit packed input_proj", packed_input_proj),
+    Check("4 rotary-buffer-order", "inv_freq buffer order in two processes", rotary_buffer_order),
 )
 
 

@@ -42,10 +42,11 @@ class Family:
         return tuple((target, _load(rule)) for target, rules in self.files.items() for rule in rules)
 
     def code_files(self) -> tuple[Path, ...]:
-        """The files whose text decides a cache entry's content: the rules, and the engine that runs and plans them."""
-        rule_modules = dict.fromkeys(rule.partition(":")[0] for rules in self.files.values() for rule in rules)
-        modules = (*rule_modules, "rewriter.rule", "rewriter.engine", "rewriter.install")
-        return tuple(Path(importlib.util.find_spec(name).origin) for name in modules)
+        """The files whose text decides a cache entry's content: every rule module (rules share code), and the
+        engine that runs and plans them."""
+        rules = Path(importlib.util.find_spec("rewriter.rules").origin).parent
+        engine = (importlib.util.find_spec(name).origin for name in ("rewriter.rule", "rewriter.engine", "rewriter.install"))
+        return (*sorted(rules.glob("*.py")), *map(Path, engine))
 
 
 def _load(rule: str) -> type:
@@ -54,30 +55,41 @@ def _load(rule: str) -> type:
 
 
 ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
+TEXT_ONLY_TRAINING = "rewriter.rules.token_types:TextOnlyTrainingRule"
 FAMILIES = {
     "gemma3": Family(
         name="gemma3",
         supported=">=4.53,<6",
         releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
-        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER,)},
+        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, TEXT_ONLY_TRAINING)},
     ),
     "gemma3n": Family(
         name="gemma3n",
         supported=">=4.53,<6",
-        releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
-        files={"models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER,)},
+        releases=(
+            "4.53.0", "4.53.3", "4.54.0", "4.55.4", "4.56.0", "4.57.6", "5.0.0", "5.5.0", "5.5.4", "5.6.0",
+            "5.14.1", "5.15.1", "5.16.0", "5.24.0",
+        ),
+        files={
+            "models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER, "rewriter.rules.gemma3n:KVSharingWithoutCacheRule")
+        },
     ),
     "gemma4": Family(
         name="gemma4",
         supported=">=5.5,<6",
-        releases=("5.5.0", "5.5.1", "5.5.2", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
+        releases=("5.5.0", "5.5.1", "5.5.2", "5.5.4", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
         files={
             "cache_utils.py": ("rewriter.rules.gemma4:KVSharedSliceRule",),
             "models/gemma4/modeling_gemma4.py": (
                 "rewriter.rules.gemma4:KVSharingWithoutCacheRule",
                 "rewriter.rules.gemma4:InputProjDequantRule",
                 ROTARY_BUFFER_ORDER,
+                TEXT_ONLY_TRAINING,
+                "rewriter.rules.gemma4:LossAccumulationRule",
+                "rewriter.rules.gemma4:VisionPoolerFloat16Rule",
             ),
+            # Trainer's own bug, bound here only: a file bound to two families would be restored out of order.
+            "trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
     ),

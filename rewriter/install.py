@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from types import FunctionType, ModuleType
 
 from rewriter.report import RewriterError
 
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+# Up to 3.12, ``inspect`` finds a class by name in its module's ``__file__``; 3.13 reads ``__firstlineno__`` there,
+# which for the classes no rule touched is a line of the original file.
+CLASSES_FOUND_BY_NAME = sys.version_info < (3, 13)
 
 
 class InstallError(RewriterError):
@@ -37,8 +42,39 @@ class ModulePatch:
     replacements: tuple[tuple[str, int, int, int], ...]
 
     @classmethod
-    def from_json(cls, data: dict) -> ModulePatch:
-        return cls(data["module"], tuple(map(tuple, data["definitions"])), tuple(map(tuple, data["replacements"])))
+    def from_json(cls, data) -> ModulePatch:
+        """The patch a manifest describes; ``ValueError`` when it does not have the shape ``plan`` writes."""
+        if not isinstance(data, dict) or set(data) != {"module", "definitions", "replacements"}:
+            raise ValueError("an install plan is not an object with module, definitions and replacements")
+        definitions, replacements = data["definitions"], data["replacements"]
+        if not (
+            isinstance(data["module"], str)
+            and isinstance(definitions, list)
+            and all(_is_row(row, (int, int)) for row in definitions)
+            and isinstance(replacements, list)
+            and all(_is_row(row, (str, int, int, int)) for row in replacements)
+        ):
+            raise ValueError(f"the install plan of {data['module']!r} has the wrong shape")
+        if not definitions and not replacements:
+            raise ValueError(f"the install plan of {data['module']!r} installs nothing")
+        return cls(data["module"], tuple(map(tuple, definitions)), tuple(map(tuple, replacements)))
+
+    def check(self, patched: str) -> None:
+        """Raise ``ValueError`` unless every line range names, in ``patched``, the definition it claims to."""
+        lines = patched.splitlines(keepends=True)
+        for first, last in self.definitions:
+            node = _parse_range(lines, first, last)
+            if not isinstance(node, DEFINITIONS) or (_first_line(node), node.end_lineno) != (first, last):
+                raise ValueError(f"{self.module}: lines {first}-{last} are not one whole definition")
+        for qualname, first, start, last in self.replacements:
+            owner, _, name = qualname.rpartition(".")
+            node = _parse_range(lines, first, last, header=f"class {owner}:\n" if owner else "")
+            if (
+                not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                or node.name != name
+                or (_first_line(node), node.lineno, node.end_lineno) != (first, start, last)
+            ):
+                raise ValueError(f"{self.module}: lines {first}-{last} are not the function {qualname}")
 
 
 def plan(module: str, original: str, patched: str, patched_tree: ast.Module | None = None) -> ModulePatch:
@@ -73,6 +109,7 @@ class Installed:
     module: ModuleType
     added: tuple[str, ...]
     originals: list[tuple[FunctionType, tuple]] = field(default_factory=list)
+    original_file: str | None = None
 
 
 def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
@@ -88,6 +125,10 @@ def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
     before = set(vars(module))
     exec(compile(definitions, filename, "exec", dont_inherit=True), vars(module))  # all checks passed: now install
     installed = Installed(module, tuple(name for name in vars(module) if name not in before))
+    if CLASSES_FOUND_BY_NAME and patch.definitions and os.path.isfile(filename):
+        # ``inspect.getsource`` of a class reads its module's file: when a rule added one, point it at the patched
+        # file, which holds every class as it now runs, the added ones included (it is a whole copy of the module)
+        installed.original_file, module.__file__ = module.__file__, filename
     for target, replacement in zip(targets, replacements):
         installed.originals.append((target, _function_state(target)))
         _set_function_state(target, _function_state(replacement))
@@ -99,6 +140,8 @@ def uninstall(installed: Installed) -> None:
         _set_function_state(function, state)
     for name in installed.added:
         vars(installed.module).pop(name, None)
+    if installed.original_file is not None:
+        installed.module.__file__ = installed.original_file
 
 
 def _parse(lines: list[str], first: int, last: int, header: str = "") -> ast.stmt:
@@ -106,6 +149,32 @@ def _parse(lines: list[str], first: int, last: int, header: str = "") -> ast.stm
     tree = ast.parse(header + "".join(lines[first - 1 : last]))
     ast.increment_lineno(tree, first - 1 - header.count("\n"))
     return tree.body[0]
+
+
+def _parse_range(lines: list[str], first: int, last: int, header: str = "") -> ast.stmt | None:
+    """Lines ``first..last`` as ``_parse`` reads them, or ``None`` when they are out of the file, do not parse, or
+    hold more than one statement."""
+    if not 1 <= first <= last <= len(lines):
+        return None
+    try:
+        tree = ast.parse(header + "".join(lines[first - 1 : last]))
+    except SyntaxError:
+        return None
+    body = tree.body[0].body if header else tree.body
+    if len(body) != 1:
+        return None
+    ast.increment_lineno(tree, first - 1 - header.count("\n"))
+    return body[0]
+
+
+def _is_row(row, types: tuple[type, ...]) -> bool:
+    """A JSON list holding exactly ``types``, in order (``bool`` is no ``int`` here)."""
+    return (
+        isinstance(row, list)
+        and len(row) == len(types)
+        and all(type(value) is kind for value, kind in zip(row, types))
+        and all(value >= 1 for value in row if type(value) is int)
+    )
 
 
 def _compile_function(module: ModuleType, lines: list[str], replacement: tuple, filename: str) -> FunctionType:

@@ -14,12 +14,12 @@ from importlib.abc import Loader, MetaPathFinder
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-Callback = Callable[[ModuleType], object]
+Callback = Callable[[], object]
 
 
 class _PostImportLoader(Loader):
-    def __init__(self, loader: Loader, callback: Callback):
-        self.loader, self.callback = loader, callback
+    def __init__(self, loader: Loader, callbacks: list[Callback]):
+        self.loader, self.callbacks = loader, callbacks
 
     def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
@@ -27,23 +27,24 @@ class _PostImportLoader(Loader):
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
         module.__spec__.loader = module.__loader__ = self.loader  # as if never wrapped
-        self.callback(module)
+        for callback in self.callbacks:
+            callback()
 
 
 class PostImportFinder(MetaPathFinder):
     """Watches modules by name; each callback runs once, after its module's first complete import."""
 
     def __init__(self) -> None:
-        self.callbacks: dict[str, Callback] = {}
+        self.callbacks: dict[str, dict[str, Callback]] = {}  # module -> {owner: callback}
 
     def find_spec(self, fullname: str, path=None, target=None) -> ModuleSpec | None:
-        callback = self.callbacks.pop(fullname, None)
-        if callback is None:
+        callbacks = self.callbacks.pop(fullname, None)
+        if not callbacks:
             return None
         for finder in sys.meta_path[sys.meta_path.index(self) + 1 :]:
             spec = getattr(finder, "find_spec", lambda *args: None)(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PostImportLoader(spec.loader, callback)
+                spec.loader = _PostImportLoader(spec.loader, list(callbacks.values()))
                 return spec
         return None
 
@@ -51,16 +52,18 @@ class PostImportFinder(MetaPathFinder):
 _finder = PostImportFinder()
 
 
-def when_imported(name: str, callback: Callback) -> None:
-    """Call ``callback(module)`` once module ``name`` is imported: now if it already is, else right after."""
+def when_imported(name: str, owner: str, callback: Callback) -> None:
+    """Call ``callback()`` once module ``name`` is imported: now if it already is, else right after. An owner has
+    one callback a module."""
     if name in sys.modules:
-        callback(sys.modules[name])
+        callback()
         return
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
-    _finder.callbacks[name] = callback
+    _finder.callbacks.setdefault(name, {})[owner] = callback
 
 
-def forget(name: str) -> None:
-    """Stop watching module ``name``."""
-    _finder.callbacks.pop(name, None)
+def forget(owner: str) -> None:
+    """Drop every callback of ``owner`` that has not run."""
+    for callbacks in _finder.callbacks.values():
+        callbacks.pop(owner, None)

@@ -8,8 +8,8 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 
 from rewriter.api import build, key_components
-from rewriter.cache import CacheDir, entry_key
-from rewriter.families import FAMILIES
+from rewriter.cache import CacheDir, Entry, entry_key
+from rewriter.families import FAMILIES, Family
 from rewriter.releases import fetch_wheel, wheel_sources, wheel_version
 
 
@@ -37,3 +37,19 @@ def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str
     if releases is None:
         for stale in set(cache.keys()) - keys:
             cache.remove(stale)
+
+
+def compare_with_rebuild(entry: Entry, family: Family, sources: dict[str, str]) -> str | None:
+    """What differs between ``entry`` and what the rules build from ``sources`` now; ``None`` when nothing does.
+
+    Catches what hashes cannot: a file edited together with its sha256 (and the manifest's digest).
+    """
+    texts, outcomes, patches = build(family, sources)
+    for target in sorted(texts.keys() | entry.texts.keys()):
+        if texts.get(target) != entry.texts.get(target):
+            return f"{target} differs from what the rules write for its sources"
+    if outcomes != entry.outcomes:
+        return "its rule outcomes differ from a rebuild's"
+    if patches != entry.patches:
+        return "its install plans differ from a rebuild's"
+    return None

@@ -10,6 +10,13 @@ from pathlib import Path
 
 import platformdirs
 
+from rewriter.report import RewriterError
+
+
+class FetchError(RewriterError):
+    """A release wheel could not be downloaded."""
+
+
 def wheel_dir() -> Path:
     return Path(os.environ.get("REWRITER_WHEEL_DIR") or platformdirs.user_cache_dir("rewriter-wheels"))
 
@@ -20,7 +27,10 @@ def fetch_wheel(version: str, folder: Path | None = None) -> Path:
     wheel = folder / f"transformers-{version}-py3-none-any.whl"
     if not wheel.exists():
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:"]
-        subprocess.run([*command, "-d", str(folder), f"transformers=={version}"], check=True)
+        pip = subprocess.run([*command, "-d", str(folder), f"transformers=={version}"], capture_output=True, text=True)
+        if pip.returncode != 0 or not wheel.exists():
+            why = pip.stderr.strip().splitlines()[-1:] or [f"pip exited with {pip.returncode} and no wheel"]
+            raise FetchError(f"cannot download the transformers {version} wheel: {why[0]}")
     return wheel
 
 

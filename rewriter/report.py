@@ -62,6 +62,10 @@ class RuleDriftError(RewriterError):
         super().__init__("; ".join(drift_message(outcome) for outcome in outcomes))
 
 
+class SourceSyntaxError(RewriterError):
+    """A transformers source file that rewriter was asked to read does not parse."""
+
+
 class UnsupportedTransformersError(RewriterError):
     """The installed transformers cannot be patched: missing, outside the supported range, or without the model."""
 

@@ -23,7 +23,8 @@ class Rule(m.MatcherDecoratableTransformer):
     While visiting they call ``rewrote()`` for each buggy place they fix, ``found_fixed()`` when they see the shape
     upstream already fixed, and ``drift(why)`` when a shape is only half recognised. ``check()`` runs after the visit.
 
-    Each rule carries samples that the tests turn into cases: ``BUGGY`` becomes ``PATCHED``; every ``FIXED``
+    Each rule carries samples that the tests turn into cases: ``BUGGY`` becomes ``PATCHED`` (and so does each
+    further ``(buggy, patched)`` pair in ``EXAMPLES``, one per other buggy shape the rule knows); every ``FIXED``
     snippet is reported ``not_needed``; every ``DRIFTED`` snippet is reported ``drift`` and left unchanged.
     """
 
@@ -33,6 +34,7 @@ class Rule(m.MatcherDecoratableTransformer):
     expected: ClassVar[str]
     BUGGY: ClassVar[str]
     PATCHED: ClassVar[str]
+    EXAMPLES: ClassVar[tuple[tuple[str, str], ...]] = ()
     FIXED: ClassVar[tuple[str, ...]]
     DRIFTED: ClassVar[tuple[str, ...]]
 

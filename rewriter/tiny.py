@@ -71,6 +71,26 @@ def vision_config(patch_size: int = 4, **text_overrides):
     )
 
 
+def overflowing_vision_model():
+    """A multimodal model whose standardized vision tower, in float16, overflows where the pooler scales by
+    sqrt(hidden_size) (the encoder output passes 65504 / 8), while its standardization (as trained checkpoints have)
+    brings the image features back to order 1. Float32, in eval mode; ``image_patches()`` is its input."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    config = vision_config()
+    config.vision_config.standardize = True
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    tower = model.model.vision_tower
+    pixels, positions = image_patches()
+    with torch.no_grad():
+        tower.patch_embedder.input_proj.weight.mul_(1e5)
+        tower.std_bias.zero_(), tower.std_scale.fill_(1.0)
+        scaled = tower(pixels, positions).last_hidden_state
+        tower.std_bias.copy_(scaled.mean(0)), tower.std_scale.copy_(1 / scaled.std(0))
+    return model
+
+
 def causal_lm(num_kv_shared_layers: int, seed: int = 0, config=None):
     from transformers import Gemma4ForCausalLM
 
@@ -95,6 +115,28 @@ def gemma3_text_config(**overrides):
         max_position_embeddings=512,
     )
     return Gemma3TextConfig(**{**settings, **overrides})
+
+
+def gemma3_vision_config(**text_overrides):
+    """A Gemma-3 multimodal config: a one-layer SigLIP tower on 16x16 images, four soft tokens per image."""
+    from transformers import Gemma3Config
+
+    return Gemma3Config(
+        text_config=gemma3_text_config(**text_overrides).to_dict(),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+        ),
+        mm_tokens_per_image=4,
+        image_token_index=255,
+        boi_token_index=254,
+        eoi_token_index=253,
+    )
 
 
 def gemma3n_text_config(num_kv_shared_layers: int = 2, **overrides):
@@ -150,3 +192,27 @@ def image_patches(grid: int = 4, seed: int = 2, patch_size: int = 4) -> tuple[to
     pixels = torch.rand(1, grid * grid, 3 * patch_size**2, generator=torch.Generator().manual_seed(seed))
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return pixels, torch.stack([xs.flatten(), ys.flatten()], dim=-1).unsqueeze(0)
+
+
+def word_tokenizer():
+    """A tokenizer of the words ``w0`` to ``w99`` (ids 4 to 103), built here, since nothing can be downloaded.
+    Like Gemma's own tokenizers it returns no token types."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"w{i}" for i in range(100))]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def sentences(count: int = 8, words: int = 11) -> list[str]:
+    """Text-only training rows of ``w...`` words, all the same length."""
+    return [" ".join(f"w{(row * 7 + i * 3) % 100}" for i in range(words)) for row in range(count)]

@@ -9,6 +9,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
+from rewriter.rules.kv_sharing import SharedKVStatesRule
 
 SELF = m.Name("self")
 NONE = m.Name("None")
@@ -198,14 +199,8 @@ STORE_SHARED_IN_CACHE = m.If(
     ),
     orelse=None,
 )
-DECODER_LAYER_CALL = m.Call(func=m.Name("decoder_layer"))
-DECODER_LAYER_LOOP = m.For(target=m.Tuple(elements=[m.Element(), m.Element(m.Name("decoder_layer"))]))
-PASSES_SHARED_KV_STATES = m.Call(
-    args=[m.ZeroOrMore(), m.Arg(value=m.Name("shared_kv_states")) | m.Arg(keyword=m.Name("shared_kv_states")), m.ZeroOrMore()]
-)
 IN_ATTENTION = m.ClassDef(name=m.Name("Gemma4TextAttention"))
 IN_TEXT_MODEL = m.ClassDef(name=m.Name("Gemma4TextModel"))
-IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
 
 STORE_SHARED_TEMPLATE = """\
 if past_key_values is not None and not self.is_kv_shared_layer:
@@ -213,20 +208,15 @@ if past_key_values is not None and not self.is_kv_shared_layer:
 if self.store_full_length_kv:
     shared_kv_states[self.layer_idx] = key_states, value_states
 """
-SHARED_KV_STATES_PARAM = "shared_kv_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None"
-ATTENTION_PARTS = {"read guard", "read", "store", "parameter"}
-MODEL_PARTS = {"state", "argument"}
 
 
-class KVSharingWithoutCacheRule(Rule):
-    """KV-shared layers find their K/V on the cache; without one (``use_cache=False``) they recompute it: garbage.
+class KVSharingWithoutCacheRule(SharedKVStatesRule):
+    """Gemma-4's KV-shared layers find their K/V on the cache; without one (``use_cache=False``) they recompute it.
 
     The fix hands the shared K/V from layer to layer in a dict made by ``Gemma4TextModel.forward`` for each call,
     as transformers 5.5.2 does, so a cache no longer decides what the shared layers attend to.
     """
 
-    id = "kv-sharing-without-cache"
-    marker = "is_kv_shared_layer"
     scope = IN_ATTENTION | IN_TEXT_MODEL
     expected = "Gemma4TextAttention.forward reading `past_key_values.shared_layers[...]` only when a cache is given"
 
@@ -314,13 +304,6 @@ class KVSharingWithoutCacheRule(Rule):
         .replace("decoder_layer(\n", "block(\n"),
     )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: Counter[str] = Counter()
-
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        return m.matches(node, IN_FORWARD)
-
     @m.call_if_inside(IN_ATTENTION)
     @m.leave(READ_SHARED_IF_CACHED)
     def read_shared_without_cache(self, original_node: cst.If, updated_node: cst.If) -> cst.If:
@@ -342,58 +325,6 @@ class KVSharingWithoutCacheRule(Rule):
         statements = cst.parse_module(code, config=self.module.config_for_parsing).body
         first = statements[0].with_changes(leading_lines=updated_node.leading_lines)
         return cst.FlattenSentinel([first, *statements[1:]])
-
-    @m.call_if_inside(IN_ATTENTION)
-    @m.leave(IN_FORWARD)
-    def take_shared_kv_states(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
-        if any(param.name.value == "shared_kv_states" for param in updated_node.params.params):
-            self.found_fixed()
-            return updated_node
-        if not self.parts.keys() & ATTENTION_PARTS:
-            return updated_node
-        self.parts["parameter"] += 1
-        params = updated_node.params.params
-        new = cst.parse_statement(f"def f({SHARED_KV_STATES_PARAM}): pass").params.params[0]
-        new = new.with_changes(comma=params[-1].comma if updated_node.params.star_kwarg else cst.MaybeSentinel.DEFAULT)
-        if self.parts.keys() >= ATTENTION_PARTS:
-            self.rewrote()
-        return updated_node.with_deep_changes(updated_node.params, params=[*params, new])
-
-    @m.call_if_inside(IN_TEXT_MODEL)
-    @m.leave(DECODER_LAYER_CALL)
-    def pass_shared_kv_states(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
-        if m.matches(updated_node, PASSES_SHARED_KV_STATES):
-            self.found_fixed()
-            return updated_node
-        self.parts["argument"] += 1
-        args = list(updated_node.args)
-        at = next((i for i, arg in enumerate(args) if arg.star), len(args))
-        argument = cst.Arg(
-            value=cst.Name("shared_kv_states"),
-            keyword=cst.Name("shared_kv_states"),
-            equal=cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace("")),
-            comma=args[at - 1].comma,
-        )
-        return updated_node.with_changes(args=[*args[:at], argument, *args[at:]])
-
-    @m.call_if_inside(IN_TEXT_MODEL)
-    @m.leave(DECODER_LAYER_LOOP)
-    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For):  # a FlattenSentinel (LibCST cannot check that annotation)
-        if not self.parts["argument"]:
-            return updated_node
-        self.parts["state"] += 1
-        self.rewrote()
-        state = cst.parse_statement("shared_kv_states = {}\n", config=self.module.config_for_parsing)
-        state = state.with_changes(leading_lines=updated_node.leading_lines)
-        return cst.FlattenSentinel([state, updated_node.with_changes(leading_lines=())])
-
-    def check(self) -> None:
-        missing = sorted((ATTENTION_PARTS | MODEL_PARTS) - set(self.parts)) if self.parts else []
-        repeated = sorted(part for part, count in self.parts.items() if count > 1)
-        if missing:
-            self.drift(f"only part of the shape was found; missing: {', '.join(missing)}")
-        if repeated:
-            self.drift(f"found more than once: {', '.join(repeated)}")
 
 
 # ---- input-proj-dequant ---------------------------------------------------------------------------------------------
@@ -530,4 +461,268 @@ class InputProjDequantRule(Rule):
     def check(self) -> None:
         if self.parts and self.parts["constructor"] != 1:
             self.drift("Gemma4VisionPatchEmbedder must build `input_proj` exactly once with `nn.Linear(...)`")
+
+
+# ---- loss-accumulation ----------------------------------------------------------------------------------------------
+
+IN_CONDITIONAL_GENERATION = m.ClassDef(name=m.Name("Gemma4ForConditionalGeneration"))
+IN_INIT = m.FunctionDef(name=m.Name("__init__"))
+IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
+ACCEPTS_LOSS_KWARGS = m.Name("accepts_loss_kwargs")
+ACCEPTS_NO_LOSS_KWARGS = m.Assign(
+    targets=[m.AssignTarget(ACCEPTS_LOSS_KWARGS | m.Attribute(value=SELF, attr=ACCEPTS_LOSS_KWARGS))],
+    value=m.Name("False"),
+)
+SUPER_INIT = m.SimpleStatementLine(
+    body=[m.Expr(m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__"))))]
+)
+CROSS_ENTROPY = m.Call(func=m.Attribute(value=m.Name("nn"), attr=m.Name("CrossEntropyLoss")))
+LABELS_GIVEN = m.Comparison(left=m.Name("labels"), comparisons=[m.ComparisonTarget(m.IsNot(), NONE)])
+OWN_LOSS = m.If(test=LABELS_GIVEN)  # with `nn.CrossEntropyLoss()` somewhere in its body
+LOSS_FUNCTION_CALL = m.Call(func=m.Attribute(value=SELF, attr=m.Name("loss_function")))
+LOSS_FUNCTION = "loss = self.loss_function(logits, labels, self.config.get_text_config().vocab_size, **{kwargs})\n"
+NO_LOSS_KWARGS = "self.accepts_loss_kwargs = False\n"
+
+
+class LossAccumulationRule(Rule):
+    """``Gemma4ForConditionalGeneration`` computes a per-batch mean loss that ignores ``num_items_in_batch``, yet
+    does not say so (``accepts_loss_kwargs = False``): ``Trainer`` then neither divides the loss by the
+    accumulation steps nor lets the model normalise it, and the loss and gradients grow with the steps.
+
+    The fix is transformers 5.6.0's: the loss is ``self.loss_function(...)`` and ``accepts_loss_kwargs`` is
+    ``False``. A class attribute cannot be installed into a live class, so the constructor sets it on each model,
+    where ``Trainer`` (``hasattr(model, "accepts_loss_kwargs")``) reads it the same.
+    """
+
+    id = "loss-accumulation"
+    marker = "class Gemma4ForConditionalGeneration"
+    scope = IN_CONDITIONAL_GENERATION
+    expected = "Gemma4ForConditionalGeneration.forward computing `nn.CrossEntropyLoss()` under `if labels is not None`"
+
+    BUGGY = '''
+        class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel, GenerationMixin):
+            base_model_prefix = "model"
+
+            def __init__(self, config: Gemma4Config):
+                super().__init__(config)
+                self.model = Gemma4Model(config)
+
+            def forward(self, input_ids=None, labels=None, **kwargs: Unpack[TransformersKwargs]):
+                logits = self.lm_head(self.model(input_ids, **kwargs).last_hidden_state)
+                loss = None
+                if labels is not None:
+                    # Upcast to float
+                    logits = logits.float()
+                    loss_fct = nn.CrossEntropyLoss()
+                    loss = loss_fct(logits[..., :-1, :].flatten(0, 1), labels[..., 1:].flatten())
+                return loss, logits
+    '''
+    PATCHED = '''
+        class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel, GenerationMixin):
+            base_model_prefix = "model"
+
+            def __init__(self, config: Gemma4Config):
+                super().__init__(config)
+                self.accepts_loss_kwargs = False
+                self.model = Gemma4Model(config)
+
+            def forward(self, input_ids=None, labels=None, **kwargs: Unpack[TransformersKwargs]):
+                logits = self.lm_head(self.model(input_ids, **kwargs).last_hidden_state)
+                loss = None
+                if labels is not None:
+                    loss = self.loss_function(logits, labels, self.config.get_text_config().vocab_size, **kwargs)
+                return loss, logits
+    '''
+    FIXED = (
+        '''
+        class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel, GenerationMixin):
+            accepts_loss_kwargs = False
+
+            def __init__(self, config: Gemma4Config):
+                super().__init__(config)
+
+            def forward(self, input_ids=None, labels=None, **kwargs: Unpack[TransformersKwargs]):
+                loss = None
+                if labels is not None:
+                    loss = self.loss_function(logits, labels, self.config.get_text_config().vocab_size, **kwargs)
+        ''',
+    )
+    DRIFTED = (
+        # the class was renamed
+        BUGGY.replace("class Gemma4ForConditionalGeneration(", "class Gemma4ForMultimodalLM("),
+        # the loss normalises some third way
+        BUGGY.replace("loss_fct = nn.CrossEntropyLoss()", "loss_fct = nn.NLLLoss()"),
+        # it says it takes no loss kwargs but keeps its own loss
+        BUGGY.replace('base_model_prefix = "model"', "accepts_loss_kwargs = False"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: Counter[str] = Counter()
+
+    @m.visit(ACCEPTS_NO_LOSS_KWARGS)
+    def note_no_loss_kwargs(self, node: cst.Assign) -> None:
+        self.parts["declared"] += 1
+
+    @m.call_if_inside(IN_FORWARD)
+    @m.visit(LOSS_FUNCTION_CALL)
+    def note_loss_function(self, node: cst.Call) -> None:
+        self.parts["loss function"] += 1
+
+    @m.leave(IN_FORWARD)
+    def use_loss_function(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        own_losses = [
+            node for node in updated_node.body.body if m.matches(node, OWN_LOSS) and m.findall(node, CROSS_ENTROPY)
+        ]
+        if not own_losses or self.parts["declared"]:
+            return updated_node
+        kwargs = updated_node.params.star_kwarg
+        if len(own_losses) > 1 or kwargs is None:
+            self.drift("forward must compute its own loss once and take `**kwargs`")
+            return updated_node
+        self.parts["own loss"] += 1
+        self.rewrote()
+        own = own_losses[0]
+        code = LOSS_FUNCTION.format(kwargs=kwargs.name.value)
+        loss = cst.parse_statement(code, config=self.module.config_for_parsing)
+        return updated_node.deep_replace(own, own.with_changes(body=own.body.with_changes(body=[loss])))
+
+    @m.leave(IN_CONDITIONAL_GENERATION)
+    def declare_no_loss_kwargs(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
+        init = next((node for node in updated_node.body.body if m.matches(node, IN_INIT)), None)
+        if not self.parts["own loss"]:
+            return updated_node
+        at = next((i for i, line in enumerate(init.body.body) if m.matches(line, SUPER_INIT)), None) if init else None
+        if at is None:
+            self.drift("Gemma4ForConditionalGeneration.__init__ must call `super().__init__(...)`")
+            return updated_node
+        self.rewrote()
+        lines = list(init.body.body)
+        lines.insert(at + 1, cst.parse_statement(NO_LOSS_KWARGS, config=self.module.config_for_parsing))
+        return updated_node.deep_replace(init, init.with_deep_changes(init.body, body=lines))
+
+    def check(self) -> None:
+        if self.parts["declared"] and not self.parts["loss function"]:
+            self.drift("`accepts_loss_kwargs = False` with a loss of its own")
+        elif self.parts["declared"]:
+            self.found_fixed()
+
+
+# ---- fp16-vision-pooler ---------------------------------------------------------------------------------------------
+
+IN_POOLER = m.ClassDef(name=m.Name("Gemma4VisionPooler"))
+IN_VISION_MODEL = m.ClassDef(name=m.Name("Gemma4VisionModel"))
+HIDDEN_STATES = m.Name("hidden_states")
+ROOT_HIDDEN_SIZE = m.Attribute(value=SELF, attr=m.Name("root_hidden_size"))
+SCALE_IN_PLACE = m.AugAssign(target=HIDDEN_STATES, operator=m.MultiplyAssign(), value=ROOT_HIDDEN_SIZE)
+SCALE_IN_FLOAT32 = m.BinaryOperation(
+    left=m.Call(func=m.Attribute(value=HIDDEN_STATES, attr=m.Name("float"))),
+    operator=m.Multiply(),
+    right=ROOT_HIDDEN_SIZE,
+)
+STD_BUFFER = m.Attribute(value=SELF, attr=m.Name("std_bias") | m.Name("std_scale"))
+STANDARDIZE = m.If(
+    test=m.Attribute(value=m.Attribute(value=SELF, attr=m.Name("config")), attr=m.Name("standardize")),
+    body=m.IndentedBlock(body=[m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(HIDDEN_STATES)])])]),
+    orelse=None,
+)
+BACK_TO_WORKING_DTYPE = "hidden_states = hidden_states.to(inputs_embeds.dtype)\n"
+
+
+class VisionPoolerFloat16Rule(Rule):
+    """``Gemma4VisionPooler`` scales by ``sqrt(hidden_size)`` in place, in the working dtype: in float16 large
+    activations overflow to inf, and the image features become NaN.
+
+    The fix is transformers 5.10.1's: the pooler scales in float32 and returns float32,
+    ``Gemma4VisionModel.forward`` standardizes in float32 (the bias subtraction cancels the large values) and casts
+    back to the dtype of the patch embeddings.
+    """
+
+    id = "fp16-vision-pooler"
+    marker = "hidden_states *= self.root_hidden_size"
+    scope = IN_POOLER | IN_VISION_MODEL
+    expected = "`hidden_states *= self.root_hidden_size` in Gemma4VisionPooler.forward"
+
+    BUGGY = '''
+        class Gemma4VisionPooler(nn.Module):
+            def forward(self, hidden_states, padding_positions):
+                hidden_states = hidden_states.masked_fill(padding_positions.unsqueeze(-1), 0.0)
+                hidden_states *= self.root_hidden_size
+                return hidden_states, padding_positions
+
+
+        class Gemma4VisionModel(Gemma4PreTrainedModel):
+            def forward(self, pixel_values, pixel_position_ids, **kwargs):
+                inputs_embeds = self.patch_embedder(pixel_values, pixel_position_ids)
+                hidden_states, pooler_mask = self.pooler(self.encoder(inputs_embeds))
+                hidden_states = hidden_states[pooler_mask]
+
+                if self.config.standardize:
+                    hidden_states = (hidden_states - self.std_bias) * self.std_scale
+
+                return BaseModelOutputWithPast(last_hidden_state=hidden_states)
+    '''
+    PATCHED = '''
+        class Gemma4VisionPooler(nn.Module):
+            def forward(self, hidden_states, padding_positions):
+                hidden_states = hidden_states.masked_fill(padding_positions.unsqueeze(-1), 0.0)
+                hidden_states = hidden_states.float() * self.root_hidden_size
+                return hidden_states, padding_positions
+
+
+        class Gemma4VisionModel(Gemma4PreTrainedModel):
+            def forward(self, pixel_values, pixel_position_ids, **kwargs):
+                inputs_embeds = self.patch_embedder(pixel_values, pixel_position_ids)
+                hidden_states, pooler_mask = self.pooler(self.encoder(inputs_embeds))
+                hidden_states = hidden_states[pooler_mask]
+
+                if self.config.standardize:
+                    hidden_states = (hidden_states - self.std_bias.float()) * self.std_scale.float()
+                hidden_states = hidden_states.to(inputs_embeds.dtype)
+
+                return BaseModelOutputWithPast(last_hidden_state=hidden_states)
+    '''
+    FIXED = (PATCHED,)
+    DRIFTED = (
+        # the pooler scales some third way
+        BUGGY.replace("hidden_states *= self.root_hidden_size", "hidden_states = hidden_states * self.scale"),
+        # the vision model no longer standardizes where the pooler's output arrives
+        BUGGY.replace("if self.config.standardize:", "if self.standardize:"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: Counter[str] = Counter()
+
+    @m.call_if_inside(IN_POOLER)
+    @m.leave(SCALE_IN_PLACE)
+    def scale_in_float32(self, original_node: cst.AugAssign, updated_node: cst.AugAssign) -> cst.Assign:
+        self.parts["scale"] += 1
+        self.rewrote()
+        return cst.Assign(
+            targets=[cst.AssignTarget(updated_node.target)],
+            value=cst.parse_expression("hidden_states.float() * self.root_hidden_size"),
+        )
+
+    @m.call_if_inside(IN_POOLER)
+    @m.visit(SCALE_IN_FLOAT32)
+    def note_float32_scale(self, node: cst.BinaryOperation) -> None:
+        self.found_fixed()
+
+    @m.call_if_inside(IN_VISION_MODEL)
+    @m.leave(STANDARDIZE)
+    def standardize_in_float32(self, original_node: cst.If, updated_node: cst.If):  # an If or a FlattenSentinel
+        if not self.parts["scale"]:
+            return updated_node
+        self.parts["standardize"] += 1
+        self.rewrote()
+        in_float32 = m.replace(
+            updated_node, STD_BUFFER, lambda node, _: cst.parse_expression(f"self.{node.attr.value}.float()")
+        )
+        cast = cst.parse_statement(BACK_TO_WORKING_DTYPE, config=self.module.config_for_parsing)
+        return cst.FlattenSentinel([in_float32, cast])
+
+    def check(self) -> None:
+        if self.parts and set(self.parts) != {"scale", "standardize"}:
+            self.drift("the pooler's scale and Gemma4VisionModel's `if self.config.standardize:` must both be found")
 

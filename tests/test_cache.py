@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import transformers
+from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
 from rewriter import api, tiny
-from rewriter.cache import MANIFEST
+from rewriter.cache import MANIFEST, CacheDir, manifest_digest
 from rewriter.prebuild import prebuild
 from tests.conftest import ROOT, mutated_transformers, run_python
 
@@ -98,6 +102,82 @@ def corrupt_manifest_hash(entry: Path) -> None:
     (entry / MANIFEST).write_text(json.dumps(manifest))
 
 
+def corrupt_delete_a_file(entry: Path) -> None:
+    (entry / "transformers" / "cache_utils.py").unlink()
+
+
+def corrupt_add_a_file(entry: Path) -> None:
+    (entry / "transformers" / "models" / "extra.py").write_text("print('planted')\n")
+
+
+def modeling_plan(manifest: dict) -> dict:
+    return manifest["patches"][MODELING]
+
+
+def shift_plan_by_a_line(manifest: dict, entry: Path) -> None:
+    plan = modeling_plan(manifest)
+    plan["replacements"] = [[name, *(line + 1 for line in lines)] for name, *lines in plan["replacements"]]
+
+
+def point_plan_at_another_function(manifest: dict, entry: Path) -> None:
+    """The patch embedder's ``__init__`` replacement names the lines of the added class's ``__init__`` instead."""
+    plan = modeling_plan(manifest)
+    first, last = plan["definitions"][0]
+    lines = (entry / "transformers" / MODELING).read_text().splitlines(keepends=True)
+    added = ast.parse("".join(lines[first - 1 : last])).body[0]
+    init = next(node for node in added.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    start, end = first - 1 + init.lineno, first - 1 + init.end_lineno
+    plan["replacements"] = [[plan["replacements"][0][0], start, start, end]]
+
+
+def empty_plan(manifest: dict, entry: Path) -> None:
+    modeling_plan(manifest).update(definitions=[], replacements=[])
+
+
+def plan_as_a_string(manifest: dict, entry: Path) -> None:
+    modeling_plan(manifest)["definitions"] = "579-607"
+
+
+def no_files(manifest: dict, entry: Path) -> None:
+    manifest["files"] = {}
+
+
+def patches_as_a_list(manifest: dict, entry: Path) -> None:
+    manifest["patches"] = []
+
+
+def outcome_not_needed_at_99_sites(manifest: dict, entry: Path) -> None:
+    manifest["outcomes"][0].update(status="not_needed", sites=99)
+
+
+def manifest_edit(edit, *, redigest: bool):
+    """A corruption that applies ``edit`` to the manifest; with ``redigest`` it also updates the manifest's digest,
+    so that only the checks of its shape and of the install plans against the files can catch it."""
+
+    def corrupt(entry: Path) -> None:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        edit(manifest, entry)
+        if redigest:
+            manifest["digest"] = manifest_digest(manifest)
+        (entry / MANIFEST).write_text(json.dumps(manifest))
+
+    corrupt.__name__ = edit.__name__ + ("_redigested" if redigest else "")
+    return corrupt
+
+
+MANIFEST_EDITS = [
+    shift_plan_by_a_line,
+    point_plan_at_another_function,
+    empty_plan,
+    plan_as_a_string,
+    no_files,
+    patches_as_a_list,
+    outcome_not_needed_at_99_sites,
+]
+# edits that only the digest can tell: the result is well formed and its plans fit the files
+DIGEST_ONLY = {point_plan_at_another_function}
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
@@ -106,7 +186,12 @@ def corrupt_manifest_hash(entry: Path) -> None:
         corrupt_plant_code,
         corrupt_manifest_for_other_sources,
         corrupt_manifest_hash,
+        corrupt_delete_a_file,
+        corrupt_add_a_file,
+        *(manifest_edit(edit, redigest=False) for edit in MANIFEST_EDITS),
+        *(manifest_edit(edit, redigest=True) for edit in MANIFEST_EDITS if edit not in DIGEST_ONLY),
     ],
+    ids=lambda corrupt: corrupt.__name__,
 )
 def test_a_damaged_entry_is_detected_never_executed_and_replaced(tmp_path, caplog, corrupt):
     cache = tmp_path / "cache"
@@ -114,12 +199,15 @@ def test_a_damaged_entry_is_detected_never_executed_and_replaced(tmp_path, caplo
     entry = Path(good.cache_path)
     expected = entry_files(entry)
     corrupt(entry)
+    assert CacheDir(cache).verify(good.key) is not None  # what `cache verify` reports
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
     assert report.source == "compiled"
+    assert report.outcomes == good.outcomes
     assert f"not using cache entry {entry}" in caplog.text
     assert entry_files(entry) == expected
     tiny.causal_lm(2)(tiny.input_ids(), use_cache=False)
+    assert "Gemma4DequantizingLinear(" in inspect.getsource(modeling_gemma4.Gemma4VisionPatchEmbedder.__init__)
     assert not (tmp_path / "executed").exists()
 
 
@@ -157,6 +245,105 @@ def test_symlinked_entry_is_refused_and_replaced(tmp_path, caplog):
     assert f"{entry} is a symlink" in caplog.text
     assert report.source == "compiled"
     assert entry.is_dir() and not entry.is_symlink()
+
+
+def test_symlinked_folder_inside_an_entry_is_never_written_through(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    entry = Path(compile_fresh(cache).cache_path)
+    models = entry / "transformers" / "models"
+    outside = tmp_path / "outside"
+    shutil.move(models, outside)
+    (outside / "gemma4" / "modeling_gemma4.py").write_text("# theirs\n")
+    models.symlink_to(outside, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="rewriter"):
+        report = compile_fresh(cache)
+    assert f"{models} is a symlink" in caplog.text
+    assert report.source == "compiled"
+    assert (outside / "gemma4" / "modeling_gemma4.py").read_text() == "# theirs\n"
+    assert not models.is_symlink() and CacheDir(cache).verify(report.key) is None
+
+
+COMPILE_TWICE = """
+import sys, rewriter
+sources = []
+for _ in range(2):
+    rewriter.restore("gemma4")
+    kwargs = {"cache_dir": sys.argv[1]} if len(sys.argv) > 1 else {}
+    sources.append(rewriter.compile("gemma4", use_shipped=False, **kwargs).source)
+print(*sources)
+"""
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_relative_cache_folder_is_hit(tmp_path, how):
+    """A relative folder is taken from the current directory once; its entries are then hits and check."""
+    args, env = (["rel"], {}) if how == "argument" else ([], {"REWRITER_CACHE_DIR": "rel"})
+    result = run_python(COMPILE_TWICE, *args, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["compiled", "user_cache"]
+    verify = run_python("", "-m", "rewriter", "cache", "verify", "--cache-dir", "rel", cwd=tmp_path)
+    assert verify.returncode == 0, verify.stdout
+    assert (tmp_path / "rel").is_dir()
+
+
+def test_empty_cache_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cache_dir is empty"):
+        rewriter.compile("gemma4", cache_dir="")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, too small for an entry (root only)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", folder], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", folder], check=True)
+
+
+def test_full_disk_compiles_in_memory_and_leaves_nothing_behind(small_disk):
+    for _ in range(2):
+        result = run_python(COMPILE_TWICE, str(small_disk))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["memory", "memory"]
+        assert f"not storing the entry in {small_disk}: no space left" in result.stderr
+    left = sorted(str(path.relative_to(small_disk)) for path in small_disk.rglob("*") if path.is_file())
+    assert all(name.startswith(".locks/") for name in left), left
+    assert not [path for path in small_disk.iterdir() if path.name != ".locks"]
+    verify = run_python("", "-m", "rewriter", "cache", "verify", "--cache-dir", str(small_disk))
+    assert verify.returncode == 0 and "bad" not in verify.stdout, verify.stdout
+
+
+CLEAR_FOREVER = """
+import sys
+from rewriter.cache import CacheDir
+while True:
+    CacheDir(sys.argv[1]).clear()
+"""
+
+
+def test_store_racing_a_cache_clear_says_what_happened(tmp_path):
+    """``cache clear`` in another process removes a writer's folder while it writes: the error says so."""
+    entry = CacheDir(tmp_path / "first").read(compile_fresh(tmp_path / "first").key)
+    components = json.loads((entry.folder / MANIFEST).read_text())["components"]
+    cache = CacheDir(tmp_path / "cache")
+    clearing = subprocess.Popen([sys.executable, "-c", CLEAR_FOREVER, str(cache.root)], cwd=ROOT)
+    try:
+        deadline, failure = time.monotonic() + 60, None
+        while failure is None and time.monotonic() < deadline:
+            try:
+                cache.store(entry.folder.name, entry.texts, entry.outcomes, entry.patches, components)
+            except OSError as error:
+                failure = error
+        assert clearing.poll() is None, "the clearing process failed"
+    finally:
+        clearing.kill()
+        clearing.wait()
+    if failure is None:
+        pytest.skip("the clearing process never removed a folder while an entry was written")
+    assert "was removed while the entry was written (a concurrent `cache clear`?)" in str(failure)
 
 
 def test_other_transformers_source_gets_another_key(tmp_path, monkeypatch):

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
 
 from rewriter.api import shipped_cache
+from rewriter.cache import MANIFEST, manifest_digest, sha256
 from tests.conftest import run_python
 
 
@@ -23,6 +29,10 @@ def test_compile_json(cache_dir):
         ("kv-sharing-without-cache", "applied", 2),
         ("input-proj-dequant", "applied", 2),
         ("rotary-buffer-order", "applied", 1),
+        ("text-only-training", "applied", 1),
+        ("loss-accumulation", "applied", 2),
+        ("fp16-vision-pooler", "applied", 2),
+        ("accumulation-double-division", "applied", 1),
     ]
     assert report["source"] == "shipped"
 
@@ -60,7 +70,8 @@ def test_demo_shows_every_bug_then_fixes_it(cache_dir):
     code, out, err = rewriter_cli("demo", cache_dir=cache_dir)
     assert code == 0, out + err
     assert "IndexError" in out and "mat1 and mat2 shapes cannot be multiplied" in out
-    assert out.count("│ fixed │") == 4 and "NOT FIXED" not in out
+    assert "hash seed 0: full, sliding; hash seed 1: sliding, full" in " ".join(out.split())
+    assert out.count("│ fixed │") == 5 and "NOT FIXED" not in out
 
 
 def test_compile_attention_flag_reports_the_attention(cache_dir):
@@ -85,3 +96,77 @@ def test_cache_info_verify_and_clear(cache_dir):
     code, out, _ = rewriter_cli("cache", "clear", cache_dir=cache_dir)
     assert code == 0 and f"removed 1 entries from {cache_dir}" in out
     assert not entry.exists()
+
+
+def source_tree_that_does_not_parse(folder: Path) -> Path:
+    """A copy of the installed transformers' target files in which ``cache_utils.py`` does not parse."""
+    from rewriter.families import get_family, installed_transformers
+
+    family = get_family("gemma4")
+    package = installed_transformers(family)[1]
+    for target in family.targets:
+        (folder / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(package / target, folder / target)
+    with open(folder / "cache_utils.py", "a") as file:
+        file.write("def broken(:\n")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["report", "diff"])
+def test_source_that_does_not_parse_is_a_one_line_error(tmp_path, cache_dir, command):
+    source = source_tree_that_does_not_parse(tmp_path / "src")
+    code, out, err = rewriter_cli(command, "gemma4", "--source-dir", str(source), cache_dir=cache_dir)
+    assert code == 3
+    broken = re.escape(str(source / "cache_utils.py"))
+    assert re.fullmatch(rf"error: {broken} does not parse: line \d+: invalid syntax\n", out)
+    assert "Traceback" not in out + err
+
+
+def test_json_errors_are_json(tmp_path, cache_dir):
+    source = source_tree_that_does_not_parse(tmp_path / "src")
+    code, out, _ = rewriter_cli("report", "gemma4", "--source-dir", str(source), "--json", cache_dir=cache_dir)
+    assert code == 3
+    error = json.loads(out)
+    assert error["kind"] == "syntax" and error["exit_code"] == 3
+    assert error["error"].startswith(f"{source / 'cache_utils.py'} does not parse: line ")
+    code, out, _ = rewriter_cli("compile", "nope", "--json", cache_dir=cache_dir)
+    assert code == 2 and json.loads(out)["kind"] == "usage"
+
+
+def test_empty_source_dir_is_refused(cache_dir):
+    code, out, err = rewriter_cli("report", "gemma4", "--source-dir", "", cache_dir=cache_dir)
+    assert code == 2
+    assert out.strip() == "error: --source-dir is empty: name a transformers package folder, or leave it out"
+
+
+def test_prebuild_of_a_release_that_does_not_exist_is_a_one_line_error(tmp_path, cache_dir):
+    env = {"REWRITER_WHEEL_DIR": str(tmp_path / "wheels")}
+    code, out, err = rewriter_cli("prebuild", "9.9.9", "--out", str(tmp_path / "out"), cache_dir=cache_dir, env=env)
+    assert code == 5
+    assert out.strip() == (
+        "error: cannot download the transformers 9.9.9 wheel: "
+        "ERROR: No matching distribution found for transformers==9.9.9"
+    )
+    assert "Traceback" not in out + err
+
+
+def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
+    """Who can write the cache folder can run code: an edit that updates every hash is a hit, which only a
+    rebuild (``--deep``) tells apart."""
+    env = {"REWRITER_NO_SHIPPED": "1"}
+    assert rewriter_cli("compile", "gemma4", cache_dir=cache_dir, env=env)[0] == 0
+    (entry,) = [path for path in cache_dir.iterdir() if len(path.name) == 64]
+    patched = entry / "transformers" / "cache_utils.py"
+    patched.write_text(patched.read_text() + "# edited\n")
+    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest["files"]["cache_utils.py"] = sha256(patched.read_text())
+    manifest["digest"] = manifest_digest(manifest)
+    (entry / MANIFEST).write_text(json.dumps(manifest))
+    code, out, err = rewriter_cli("compile", "gemma4", "--json", cache_dir=cache_dir, env=env)
+    assert code == 0 and json.loads(out)["source"] == "user_cache", err
+    assert rewriter_cli("cache", "verify", cache_dir=cache_dir)[0] == 0
+    code, out, _ = rewriter_cli("cache", "verify", "--deep", cache_dir=cache_dir)
+    assert code == 1
+    assert f"bad user entry {entry}: cache_utils.py differs from what the rules write for its sources" in out
+    # the shipped entries of 5.5.0 (gemma3, gemma3n, gemma4) and this one
+    assert "4 rebuilt from the installed transformers" in out

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import transformers
+from transformers import trainer
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
@@ -19,7 +20,7 @@ from rewriter.families import FAMILIES
 from tests.conftest import mutated_transformers
 
 RULES = [rule for _, rule in FAMILIES["gemma4"].rules()]
-CACHE_UTILS, MODELING = "cache_utils.py", "models/gemma4/modeling_gemma4.py"
+CACHE_UTILS, MODELING, TRAINER = "cache_utils.py", "models/gemma4/modeling_gemma4.py", "trainer.py"
 EXPECTED = {rule.id: rule.expected for rule in RULES}
 
 MUTATIONS = {
@@ -53,6 +54,30 @@ MUTATIONS = {
         "self.layer_types = set(config.layer_types)",
         "self.layer_types = frozenset(config.layer_types)",
     ),
+    "training check warns instead of raising": (
+        "text-only-training",
+        MODELING,
+        'raise ValueError("`mm_token_type_ids` is required as a model input when training")',
+        'logger.warning("`mm_token_type_ids` is missing: the batch is all text")',
+    ),
+    "loss normalised some third way": (
+        "loss-accumulation",
+        MODELING,
+        "loss_fct = nn.CrossEntropyLoss()",
+        "loss_fct = nn.NLLLoss()",
+    ),
+    "pooler scales out of place": (
+        "fp16-vision-pooler",
+        MODELING,
+        "hidden_states *= self.root_hidden_size",
+        "hidden_states = hidden_states * self.root_hidden_size",
+    ),
+    "accumulation steps handed over another way": (
+        "accumulation-double-division",
+        TRAINER,
+        'grad_acc_kwargs["num_steps"] = self.args.gradient_accumulation_steps',
+        "grad_acc_kwargs.update(num_steps=self.args.gradient_accumulation_steps)",
+    ),
 }
 
 
@@ -66,6 +91,14 @@ def functions():
         "Gemma4VisionPatchEmbedder.__init__": modeling_gemma4.Gemma4VisionPatchEmbedder.__init__.__code__,
         "Gemma4VisionPatchEmbedder.forward": modeling_gemma4.Gemma4VisionPatchEmbedder.forward.__code__,
         "Gemma4TextRotaryEmbedding.__init__": modeling_gemma4.Gemma4TextRotaryEmbedding.__init__.__code__,
+        "create_causal_mask_mapping": modeling_gemma4.create_causal_mask_mapping.__code__,
+        "Gemma4ForConditionalGeneration.__init__": modeling_gemma4.Gemma4ForConditionalGeneration.__init__.__code__,
+        "Gemma4ForConditionalGeneration.forward": inspect.unwrap(
+            modeling_gemma4.Gemma4ForConditionalGeneration.forward
+        ).__code__,
+        "Gemma4VisionPooler.forward": modeling_gemma4.Gemma4VisionPooler.forward.__code__,
+        "Gemma4VisionModel.forward": inspect.unwrap(modeling_gemma4.Gemma4VisionModel.forward).__code__,
+        "Trainer.create_accelerator_and_postprocess": trainer.Trainer.create_accelerator_and_postprocess.__code__,
     }
 
 
@@ -74,6 +107,10 @@ TOUCHED_BY = {
     "kv-sharing-without-cache": {"Gemma4TextAttention.forward", "Gemma4TextModel.forward"},
     "input-proj-dequant": {"Gemma4VisionPatchEmbedder.__init__", "Gemma4VisionPatchEmbedder.forward"},
     "rotary-buffer-order": {"Gemma4TextRotaryEmbedding.__init__"},
+    "text-only-training": {"create_causal_mask_mapping"},
+    "loss-accumulation": {"Gemma4ForConditionalGeneration.__init__", "Gemma4ForConditionalGeneration.forward"},
+    "fp16-vision-pooler": {"Gemma4VisionPooler.forward", "Gemma4VisionModel.forward"},
+    "accumulation-double-division": {"Trainer.create_accelerator_and_postprocess"},
 }
 
 

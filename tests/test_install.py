@@ -17,6 +17,7 @@ from rewriter import tiny
 from tests.conftest import run_python
 
 Attention = modeling_gemma4.Gemma4TextAttention
+MODELING = "models/gemma4/modeling_gemma4.py"
 
 
 def patched_functions():
@@ -53,6 +54,18 @@ def test_source_and_tracebacks_point_into_the_patched_file(patched):
     assert Path(frame.filename) == source_file
     assert frame.line == "key_states, value_states = shared_kv_states[self.kv_shared_layer_index]"
     assert source_file.read_text().splitlines()[frame.lineno - 1].strip() == frame.line
+
+
+def test_classes_a_rule_adds_or_changes_show_their_patched_source(patched):
+    """``inspect`` finds a class through its module's file: while patched, that is the patched copy of the module."""
+    patched_file = str(Path(patched.cache_path) / "transformers" / MODELING)
+    added = modeling_gemma4.Gemma4DequantizingLinear
+    assert inspect.getsourcefile(added) == patched_file
+    assert inspect.getsource(added).startswith("class Gemma4DequantizingLinear(nn.Linear):")
+    assert "self.input_proj = Gemma4DequantizingLinear(" in inspect.getsource(modeling_gemma4.Gemma4VisionPatchEmbedder)
+    assert "shared_kv_states[self.kv_shared_layer_index]" in inspect.getsource(Attention)
+    rewriter.restore("gemma4")
+    assert inspect.getsourcefile(Attention) == str(Path(transformers.__file__).parent / MODELING)
 
 
 def test_compiling_twice_changes_nothing(cache_dir):
@@ -104,7 +117,7 @@ def test_unwritable_cache_compiles_in_memory_and_warns_once(tmp_path, caplog):
         rewriter.restore("gemma4")
         rewriter.compile("gemma4", cache_dir=not_a_folder, use_shipped=False)
     assert report.source == "memory" and report.cache_path is None
-    assert len(caplog.records) == 1 and "is not writable" in caplog.records[0].message
+    assert len(caplog.records) == 1 and f"{not_a_folder} is not a folder" in caplog.records[0].message
     assert "shared_kv_states" in inspect.getsource(Attention.forward)
     assert transformers.DynamicCache(config=tiny.text_config(0)).layers != []
 
@@ -131,3 +144,21 @@ print(rewriter.compiled("gemma4"), rewriter.compile_on_import("gemma3")["gemma3"
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:3] == ["applied", "True False False", "None gemma3"]
+
+
+def test_a_module_the_family_does_not_need_is_patched_only_when_the_program_imports_it(cache_dir):
+    """gemma4 also patches ``trainer.py`` (5.5.0-5.5.3); compiling never imports it (2 s), importing it patches it."""
+    code = f"""
+import sys
+import rewriter
+
+rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
+print("transformers.trainer" in sys.modules)
+from transformers import Trainer
+print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith({str(cache_dir)!r}))
+rewriter.restore("gemma4")
+print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith({str(cache_dir)!r}))
+"""
+    result = run_python(code, env={"REWRITER_NO_SHIPPED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "True", "False"]

@@ -2,8 +2,9 @@
 
 The matrix reads each release's wheel (downloaded once, kept in $REWRITER_WHEEL_DIR) without importing it. The
 end-to-end checks install a release into its own virtual environment, reusing this environment's torch: by
-default the latest supported release (the test environment itself is 5.5.0); set REWRITER_E2E_RELEASES to a
-comma-separated list (for example "5.5.2,5.13.1,5.24.0") or to "all" for more.
+default the latest Gemma-4 release and Gemma-3n on 4.57.6 (the test environment itself is 5.5.0); set
+REWRITER_E2E_RELEASES to a comma-separated list (for example "4.53.0,4.57.6,5.5.2,5.5.4,5.24.0": each family runs
+those that are among its releases) or to "all" for more.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ def rotary_buffer_order(version: str) -> tuple[str, int]:
     return (APPLIED, 1) if (5, 0) <= release(version) < (5, 16) else (NOT_NEEDED, 0)
 
 
+def text_only_training(version: str) -> tuple[str, int]:
+    """The mask builder's check that token types are given in training: 5.0 to 5.5.4 (Gemma-4 from 5.5.0)."""
+    return (APPLIED, 1) if (5, 0) <= release(version) < (5, 6) else (NOT_NEEDED, 0)
+
+
 # BUGS.md's tables: which rule each release needs, and at how many sites.
 GEMMA4 = {
     "5.5.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
     "5.5.1": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
     "5.5.2": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
+    "5.5.4": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
     "5.8.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
     "5.12.1": {"kv-shared-slice": (APPLIED, 1), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
     "5.13.1": {"kv-shared-slice": (APPLIED, 1), "kv-sharing-without-cache": (NOT_NEEDED, 0)},
@@ -51,9 +58,26 @@ GEMMA4 = {
 for version, statuses in GEMMA4.items():
     statuses["input-proj-dequant"] = (APPLIED, 2 if release(version) < (5, 13) else 1)
     statuses["rotary-buffer-order"] = rotary_buffer_order(version)
+    statuses["text-only-training"] = text_only_training(version)
+    statuses["loss-accumulation"] = (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0)
+    statuses["fp16-vision-pooler"] = (APPLIED, 2) if release(version) < (5, 10) else (NOT_NEEDED, 0)
+    statuses["accumulation-double-division"] = (APPLIED, 1) if release(version) < (5, 5, 4) else (NOT_NEEDED, 0)
 MATRIX = {
-    "gemma3": {version: {"rotary-buffer-order": rotary_buffer_order(version)} for version in FAMILIES["gemma3"].releases},
-    "gemma3n": {version: {"rotary-buffer-order": rotary_buffer_order(version)} for version in FAMILIES["gemma3n"].releases},
+    "gemma3": {
+        version: {
+            "rotary-buffer-order": rotary_buffer_order(version),
+            "text-only-training": text_only_training(version),
+        }
+        for version in FAMILIES["gemma3"].releases
+    },
+    "gemma3n": {
+        version: {
+            "rotary-buffer-order": rotary_buffer_order(version),
+            # 4.53.0-4.55.4 slice the cache, 4.56.0-5.5.4 keep `shared_layers` on it; 5.6.0 has `shared_kv_states`.
+            "kv-sharing-without-cache": (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0),
+        }
+        for version in FAMILIES["gemma3n"].releases
+    },
     "gemma4": GEMMA4,
 }
 RELEASES = [(family, version) for family, spec in FAMILIES.items() for version in spec.releases]
@@ -94,7 +118,12 @@ def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
     assert {(rule, file) for rule, file in found if rule != "rotary-buffer-order"} == {
         ("kv-shared-slice", "cache_utils.py"),
         ("kv-sharing-without-cache", "models/gemma4/modeling_gemma4.py"),
+        ("kv-sharing-without-cache", "models/gemma3n/modeling_gemma3n.py"),
         ("input-proj-dequant", "models/gemma4/modeling_gemma4.py"),
+        ("loss-accumulation", "models/gemma4/modeling_gemma4.py"),
+        ("fp16-vision-pooler", "models/gemma4/modeling_gemma4.py"),
+        # the training check on token types, in two families rewriter does not patch as well
+        *(("text-only-training", f"models/{model}/modeling_{model}.py") for model in ("gemma3", "gemma4", "git", "paligemma")),
     }
 
 
@@ -118,10 +147,11 @@ def test_an_installed_transformers_older_than_gemma4_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def e2e_releases() -> list[str]:
-    releases = FAMILIES["gemma4"].releases
-    chosen = os.environ.get("REWRITER_E2E_RELEASES", releases[-1])
-    return list(releases) if chosen == "all" else [version for version in chosen.split(",") if version]
+def e2e_releases(family: str, default: str) -> list[str]:
+    """The family's releases that REWRITER_E2E_RELEASES names ("all": every one), else ``default``."""
+    releases = FAMILIES[family].releases
+    chosen = os.environ.get("REWRITER_E2E_RELEASES", default)
+    return list(releases) if chosen == "all" else [version for version in chosen.split(",") if version in releases]
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +174,7 @@ def release_python(version: str, folder: Path, rewriter_wheel: Path) -> Path:
     return python
 
 
-@pytest.mark.parametrize("version", e2e_releases())
+@pytest.mark.parametrize("version", e2e_releases("gemma4", default=FAMILIES["gemma4"].releases[-1]))
 def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     python = release_python(version, tmp_path / "venv", rewriter_wheel)
     check = subprocess.run(
@@ -158,11 +188,50 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     assert result["static_generate_equals_dynamic"]
     assert result["use_cache_gap"] == 0.0
     assert result["packed_input_proj_gap"] == 0.0
+    assert result["text_only_training_gap"] == 0.0
+    assert result["accumulation_loss_gap"] < 1e-5 and result["accumulation_weight_gap"] < 1e-6
+    assert result["float16_vision_features_finite"]
     assert all(result["unchanged_where_not_needed"].values()), result["unchanged_where_not_needed"]
     for family, names in result["rotary_buffer_orders"].items():
         assert names == sorted(names, key=lambda name: name.split("_attention")[0]), family  # full before sliding
     needed_nothing = {rule for rule, (status, _) in GEMMA4[version].items() if status == NOT_NEEDED}
-    expected_parts = ({"cache_utils.py"} if "kv-shared-slice" in needed_nothing else set()) | (
-        {"Gemma4TextAttention", "Gemma4TextModel"} if "kv-sharing-without-cache" in needed_nothing else set()
-    )
+    parts = {
+        "kv-shared-slice": {"cache_utils.py"},
+        "kv-sharing-without-cache": {"Gemma4TextAttention", "Gemma4TextModel"},
+        "text-only-training": {"create_causal_mask_mapping", "Gemma4Model"},
+        "loss-accumulation": {"Gemma4ForConditionalGeneration"},
+        "fp16-vision-pooler": {"Gemma4VisionPooler", "Gemma4VisionModel"},
+        "accumulation-double-division": {"trainer.py"},
+    }
+    expected_parts = set().union(*(parts[rule] for rule in needed_nothing if rule in parts))
     assert set(result["unchanged_where_not_needed"]) == expected_parts
+
+
+# By default one 4.x release, whose train-mode forwards build no cache: every one of them shows the bug.
+@pytest.mark.parametrize("version", e2e_releases("gemma3n", default="4.57.6"))
+def test_gemma3n_kv_sharing_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
+    python = release_python(version, tmp_path / "venv", rewriter_wheel)
+    check = subprocess.run(
+        [python, ROOT / "tests" / "release_check_gemma3n.py", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert check.returncode == 0, check.stderr
+    result = json.loads(check.stdout.strip().splitlines()[-1])
+    assert result["transformers"] == version
+    assert result["source"] == "shipped"
+    assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == MATRIX["gemma3n"][version]
+    # Unpatched: no cache, wrong logits; 4.x builds no cache in training either. Cached logits are the oracle's up
+    # to the last float bits on 4.x (1.6e-6 measured), exactly on 5.x.
+    unpatched, patched = result["unpatched"], result["patched"]
+    needed = result["outcomes"]["kv-sharing-without-cache"][0] == APPLIED
+    assert (unpatched["uncached"] > 0.1) == needed
+    assert (unpatched["train"] > 0.1) == (needed and release(version) < (5, 0))
+    assert result["uncached_equals_cached"] and result["train_equals_cached"]
+    assert max(patched.values()) < 1e-5
+    assert all(result["generate_equals_oracle"].values()), result["generate_equals_oracle"]
+    assert result["checkpointed_loss_gap"] < 1e-6
+    assert result["grads_of_oracle_parameters"] and result["grad_gap"] < 1e-4
+    assert all(result["unchanged_where_not_needed"].values())
+    assert bool(result["unchanged_where_not_needed"]) == (not needed)

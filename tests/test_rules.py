@@ -23,17 +23,20 @@ def apply(rule, code: str):
     return rule().apply(cst.parse_module(dedent(code)), "sample.py")
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.id)
-def test_buggy_shape_is_rewritten_and_the_rest_left_alone(rule):
-    module, outcome = apply(rule, rule.BUGGY)
+EXAMPLES = [(rule, buggy, patched) for rule in RULES for buggy, patched in ((rule.BUGGY, rule.PATCHED), *rule.EXAMPLES)]
+
+
+@pytest.mark.parametrize("rule, buggy, patched", EXAMPLES, ids=lambda value: getattr(value, "id", ""))
+def test_buggy_shape_is_rewritten_and_the_rest_left_alone(rule, buggy, patched):
+    module, outcome = apply(rule, buggy)
     assert outcome.status == "applied" and outcome.sites >= 1
-    assert module.code == dedent(rule.PATCHED)
-    assert rule.marker in rule.BUGGY  # scan parses only files with the marker
+    assert module.code == dedent(patched)
+    assert rule.marker in buggy  # scan parses only files with the marker
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.id)
-def test_second_pass_over_patched_text_changes_nothing(rule):
-    once, _ = apply(rule, rule.BUGGY)
+@pytest.mark.parametrize("rule, buggy, patched", EXAMPLES, ids=lambda value: getattr(value, "id", ""))
+def test_second_pass_over_patched_text_changes_nothing(rule, buggy, patched):
+    once, _ = apply(rule, buggy)
     twice, outcome = rule().apply(once, "sample.py")
     assert outcome.status == "not_needed"
     assert twice.code == once.code

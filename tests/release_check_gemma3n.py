@@ -1,0 +1,114 @@
+"""Run inside an environment with some transformers release: Gemma-3n's KV sharing before and after compile,
+against the logits, tokens, loss and gradients of transformers 5.24.0 on the same weights (the oracle fixture).
+
+    python tests/release_check_gemma3n.py CACHE_DIR      # prints one JSON object
+
+Used by tests/test_releases.py, one virtual environment per release, 4.x included; kept a plain script so that it
+runs under whatever transformers that environment has.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import rewriter
+from rewriter import tiny
+
+REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
+IDS = REFERENCE["input_ids"]
+
+
+def oracle_weights_model():
+    model = tiny.text_model("gemma3n")
+    model.load_state_dict(REFERENCE["state_dict"], strict=False)  # the oracle has no K/V projections in shared layers
+    return model
+
+
+def logits(model, train: bool = False, **kwargs) -> torch.Tensor:
+    model.train(train)
+    with torch.no_grad():
+        return model(IDS, **kwargs).logits
+
+
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def gaps(model) -> dict:
+    """max |logits - oracle| with a cache, without one, and in train mode with no ``use_cache`` argument."""
+    return {
+        "cached": gap(logits(model, use_cache=True), REFERENCE["logits"]),
+        "uncached": gap(logits(model, use_cache=False), REFERENCE["logits"]),
+        "train": gap(logits(model, train=True), REFERENCE["logits"]),
+    }
+
+
+def definition_text(source: str, name: str) -> str:
+    node = next(node for node in ast.parse(source).body if getattr(node, "name", None) == name)
+    return ast.get_source_segment(source, node, padded=True)
+
+
+def main(cache_dir: str) -> dict:
+    import transformers
+
+    unpatched = gaps(oracle_weights_model())
+    report = rewriter.compile("gemma3n", cache_dir=cache_dir, strict=True)
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    model = oracle_weights_model()
+    cached = logits(model, use_cache=True)
+    result = {
+        "transformers": transformers.__version__,
+        "source": report.source,
+        "outcomes": {outcome.rule: [outcome.status, outcome.sites] for outcome in report.outcomes},
+        "unpatched": unpatched,
+        "patched": gaps(model),
+        "uncached_equals_cached": torch.equal(logits(model, use_cache=False), cached),
+        "train_equals_cached": torch.equal(logits(model, train=True), cached),
+    }
+
+    model.eval()
+    caches = [None, "static"] + (["hybrid"] if hasattr(transformers, "HybridCache") else [])
+    result["generate_equals_oracle"] = {
+        str(cache): torch.equal(
+            model.generate(IDS, max_new_tokens=8, do_sample=False, cache_implementation=cache), REFERENCE["generated"]
+        )
+        for cache in caches
+    }
+
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss = model(IDS, labels=IDS, use_cache=False).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    result["checkpointed_loss_gap"] = abs(loss.item() - REFERENCE["loss"].item())
+    result["grads_of_oracle_parameters"] = sorted(grads) == sorted(REFERENCE["grads"])
+    result["grad_gap"] = max(  # each gradient's distance to the oracle's, relative to the oracle's norm
+        ((grads[name] - reference).norm() / max(reference.norm(), 1e-6)).item()
+        for name, reference in REFERENCE["grads"].items()
+        if name in grads
+    )
+
+    # Where the rule is not needed, what it would touch must be upstream's code, byte for byte.
+    unchanged = {}
+    if report.outcome("kv-sharing-without-cache").status == "not_needed":
+        target = "models/gemma3n/modeling_gemma3n.py"
+        package = Path(transformers.__file__).parent
+        patched = (Path(report.cache_path) / "transformers" / target).read_text()
+        upstream = (package / target).read_text()
+        for name in ("Gemma3nTextAttention", "Gemma3nTextModel"):
+            same_text = definition_text(patched, name) == definition_text(upstream, name)
+            forward = inspect.unwrap(getattr(modeling_gemma3n, name).forward)
+            unchanged[name] = same_text and forward.__code__.co_filename == str(package / target)
+    result["unchanged_where_not_needed"] = unchanged
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1])))
