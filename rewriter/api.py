@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import linecache
 import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,7 +76,8 @@ def compile(
     then in ``cache_dir`` (else ``$REWRITER_CACHE_DIR``, else the user cache folder); a miss runs the LibCST rules
     and stores the result there, or keeps it in memory when that folder cannot be used. Calling it again with the
     same sources changes nothing. Drift is logged as a warning naming the rule, the file and the shape it
-    expected; with ``strict=True`` it raises ``RuleDriftError`` before anything is installed.
+    expected; with ``strict=True`` it raises ``RuleDriftError`` before anything is installed. The families it
+    ``requires`` (``trainer``) are compiled, with the same cache options, when the program imports their module.
     ``compile_attention=True`` also wraps the family's text attention in ``torch.compile`` (``rewriter.attention``),
     or says in ``report.attention`` why it stays eager. ``compile_decode="forward"`` or ``"layers"`` makes
     ``generate`` use a static cache and compiles each decode step as whole graphs (``rewriter.generation``);
@@ -103,16 +102,15 @@ def compile(
     report = CompileReport(spec.name, version, key, where, str(entry.folder) if where != "memory" else None, entry.outcomes)
     _check_drift(report, strict)
 
+    for required in spec.requires:
+        if required not in _active:
+            compile_on_import(required, cache_dir=cache_dir, strict=strict, use_shipped=use_shipped)
     restore(spec.name)
     active = _Active(report, [])
     try:
         for target, patch in entry.patches.items():
             filename = str(entry.path(target)) if where != "memory" else _in_memory(key, target, entry.texts[target])
-            install = functools.partial(_install, active, patch, entry.texts[target], filename)
-            if target.startswith("models/") or patch.module in sys.modules:
-                install()
-            else:  # a module the family does not need to run (``trainer.py``): patched if the program imports it
-                onimport.when_imported(patch.module, spec.name, install)
+            active.installed.append(installer.install(patch, entry.texts[target], filename))
     except BaseException:
         _uninstall(spec.name, active)
         raise
@@ -149,10 +147,6 @@ def restore(family: str) -> bool:
     active = _active.pop(spec.name, None)
     _uninstall(spec.name, active)
     return active is not None
-
-
-def _install(active: _Active, patch: installer.ModulePatch, text: str, filename: str) -> None:
-    active.installed.append(installer.install(patch, text, filename))
 
 
 def _uninstall(family: str, active: _Active | None) -> None:

@@ -20,6 +20,7 @@ class Family:
     ``files`` maps each file (relative to the transformers package) to the rules that run on it, in order, as
     ``"module:Class"`` names, so that reading a family never imports LibCST. One rule class serves every file that
     has its bug, in any family. ``releases`` are the releases the rules are checked against and shipped for.
+    ``requires`` names families whose fixes this one's rely on, or that its users meet anyway (``trainer``).
     """
 
     name: str
@@ -27,6 +28,7 @@ class Family:
     releases: tuple[str, ...]
     files: dict[str, tuple[str, ...]]
     attention: tuple[str, str] | None = None  # the file and class of the text attention ``compile_attention`` compiles
+    requires: tuple[str, ...] = ()  # families patched, when the program imports their module, with this one
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -34,8 +36,8 @@ class Family:
 
     @property
     def modeling_module(self) -> str:
-        """The module whose import means the program uses this family."""
-        return module_name(next(target for target in self.files if target.startswith("models/")))
+        """The module whose import means the program uses this family: its model's, else its only file's."""
+        return module_name(next((target for target in self.files if target.startswith("models/")), self.targets[0]))
 
     def rules(self) -> tuple[tuple[str, type], ...]:
         """``(file, rule class)`` in the order they run. Imports LibCST."""
@@ -62,6 +64,7 @@ FAMILIES = {
         supported=">=4.53,<6",
         releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
         files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, TEXT_ONLY_TRAINING)},
+        requires=("trainer",),
     ),
     "gemma3n": Family(
         name="gemma3n",
@@ -73,6 +76,7 @@ FAMILIES = {
         files={
             "models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER, "rewriter.rules.gemma3n:KVSharingWithoutCacheRule")
         },
+        requires=("trainer",),
     ),
     "gemma4": Family(
         name="gemma4",
@@ -88,10 +92,16 @@ FAMILIES = {
                 "rewriter.rules.gemma4:LossAccumulationRule",
                 "rewriter.rules.gemma4:VisionPoolerFloat16Rule",
             ),
-            # Trainer's own bug, bound here only: a file bound to two families would be restored out of order.
-            "trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
+        requires=("trainer",),
+    ),
+    # Not a model: Trainer's own bug, which every family's fine-tuning meets (gemma4's loss fix relies on it).
+    "trainer": Family(
+        name="trainer",
+        supported=">=4.53,<6",
+        releases=("4.53.0", "5.1.0", "5.2.0", "5.5.0", "5.5.3", "5.5.4", "5.24.0"),
+        files={"trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",)},
     ),
 }
 

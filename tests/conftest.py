@@ -49,13 +49,13 @@ def run_python(code: str, *args: str, env: dict | None = None, cwd: Path | None 
     return result
 
 
-def mutated_transformers(folder: Path, monkeypatch, target: str, old: str, new: str, family: str = "gemma4") -> None:
-    """Make ``rewriter.compile`` read a copy of the installed sources in which ``old`` became ``new`` in ``target``."""
+def mutated_transformers(folder: Path, monkeypatch, target: str, old: str, new: str) -> None:
+    """Make ``rewriter.compile`` read a copy of the installed sources (every family's files) in which ``old``
+    became ``new`` in ``target``."""
     from rewriter import api
 
-    family = api.get_family(family)
-    version, package = api.installed_transformers(family)
-    for name in family.targets:
+    version, package = api.installed_transformers(FAMILIES["gemma4"])
+    for name in {target for family in FAMILIES.values() for target in family.targets}:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(package / name, folder / name)
     text = (folder / target).read_text()

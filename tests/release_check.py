@@ -106,8 +106,11 @@ def main(cache_dir: str) -> dict:
         if report.outcome(rule).status == "not_needed":
             for name in names:
                 unchanged[name] = definition_text(patched, name) == definition_text(upstream, name)
-    if report.outcome("accumulation-double-division").status == "not_needed":
-        unchanged["trainer.py"] = (entry / "trainer.py").read_text() == (package / "trainer.py").read_text()
+    trainer = rewriter.compiled("trainer")  # gemma4 requires it: compiled when the accumulation check imported Trainer
+    result["outcomes"].update({outcome.rule: [outcome.status, outcome.sites] for outcome in trainer.outcomes})
+    if trainer.outcome("accumulation-double-division").status == "not_needed":
+        patched_trainer = Path(trainer.cache_path) / "transformers" / "trainer.py"
+        unchanged["trainer.py"] = patched_trainer.read_text() == (package / "trainer.py").read_text()
     result["unchanged_where_not_needed"] = unchanged
 
     for family in ("gemma3", "gemma3n"):

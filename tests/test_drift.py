@@ -19,9 +19,13 @@ import rewriter
 from rewriter.families import FAMILIES
 from tests.conftest import mutated_transformers
 
-RULES = [rule for _, rule in FAMILIES["gemma4"].rules()]
 CACHE_UTILS, MODELING, TRAINER = "cache_utils.py", "models/gemma4/modeling_gemma4.py", "trainer.py"
-EXPECTED = {rule.id: rule.expected for rule in RULES}
+FAMILY_OF = {CACHE_UTILS: "gemma4", MODELING: "gemma4", TRAINER: "trainer"}
+EXPECTED = {rule.id: rule.expected for family in FAMILIES.values() for _, rule in family.rules()}
+
+
+def rules_of(family: str) -> list[str]:
+    return [rule.id for _, rule in FAMILIES[family].rules()]
 
 MUTATIONS = {
     "slice rewritten a third way": (
@@ -119,12 +123,16 @@ def test_drift_is_reported_and_only_that_rule_is_left_out(mutation, tmp_path, mo
     rule, target, old, new = MUTATIONS[mutation]
     mutated_transformers(tmp_path / "src", monkeypatch, target, old, new)
     originals = functions()
+    family = FAMILY_OF[target]
     with caplog.at_level(logging.WARNING, logger="rewriter"):
-        report = rewriter.compile("gemma4", cache_dir=tmp_path / "cache")
-    assert {o.rule: o.status for o in report.outcomes} == {r.id: "drift" if r.id == rule else "applied" for r in RULES}
+        report = rewriter.compile(family, cache_dir=tmp_path / "cache")
+    assert {o.rule: o.status for o in report.outcomes} == {
+        other: "drift" if other == rule else "applied" for other in rules_of(family)
+    }
     assert f"rule {rule!r} drifted in {target}: expected {EXPECTED[rule]}" in caplog.text
     changed = {name for name, code in functions().items() if code is not originals[name]}
-    assert changed == set().union(*(names for other, names in TOUCHED_BY.items() if other != rule)) & set(originals)
+    installed = [other for name in (family, *FAMILIES[family].requires) for other in rules_of(name) if other != rule]
+    assert changed == set().union(*(TOUCHED_BY[other] for other in installed))
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
@@ -133,6 +141,6 @@ def test_strict_drift_installs_nothing(mutation, tmp_path, monkeypatch):
     mutated_transformers(tmp_path / "src", monkeypatch, target, old, new)
     originals = functions()
     with pytest.raises(rewriter.RuleDriftError, match=f"rule '{rule}' drifted in {target}: expected"):
-        rewriter.compile("gemma4", cache_dir=tmp_path / "cache", strict=True)
+        rewriter.compile(FAMILY_OF[target], cache_dir=tmp_path / "cache", strict=True)
     assert functions() == originals
     assert not hasattr(modeling_gemma4, "Gemma4DequantizingLinear")

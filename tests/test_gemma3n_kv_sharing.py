@@ -150,7 +150,6 @@ def test_a_restructured_store_is_drift_and_strict_installs_nothing(tmp_path, mon
         target,
         "past_key_values.shared_layers[self.layer_idx] = key_states, value_states",
         "past_key_values.shared_layers.update({self.layer_idx: (key_states, value_states)})",
-        family="gemma3n",
     )
     forward = modeling_gemma3n.Gemma3nTextAttention.forward.__code__
     rotary = modeling_gemma3n.Gemma3nRotaryEmbedding.__init__.__code__

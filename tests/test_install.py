@@ -146,19 +146,20 @@ print(rewriter.compiled("gemma4"), rewriter.compile_on_import("gemma3")["gemma3"
     assert result.stdout.split("\n")[:3] == ["applied", "True False False", "None gemma3"]
 
 
-def test_a_module_the_family_does_not_need_is_patched_only_when_the_program_imports_it(cache_dir):
-    """gemma4 also patches ``trainer.py`` (5.5.0-5.5.3); compiling never imports it (2 s), importing it patches it."""
+def test_a_required_family_is_patched_only_when_the_program_imports_its_module(cache_dir):
+    """gemma4 requires ``trainer`` (Trainer 5.2.0-5.5.3); compiling never imports it (2 s), importing it patches it."""
     code = f"""
 import sys
 import rewriter
 
 rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
-print("transformers.trainer" in sys.modules)
+print("transformers.trainer" in sys.modules, rewriter.compiled("trainer"))
 from transformers import Trainer
+print(rewriter.compiled("trainer").outcome("accumulation-double-division").status)
 print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith({str(cache_dir)!r}))
-rewriter.restore("gemma4")
+rewriter.restore("trainer")
 print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith({str(cache_dir)!r}))
 """
     result = run_python(code, env={"REWRITER_NO_SHIPPED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["False", "True", "False"]
+    assert result.stdout.split() == ["False", "None", "applied", "True", "False"]

@@ -40,6 +40,11 @@ def text_only_training(version: str) -> tuple[str, int]:
     return (APPLIED, 1) if (5, 0) <= release(version) < (5, 6) else (NOT_NEEDED, 0)
 
 
+def accumulation_double_division(version: str) -> tuple[str, int]:
+    """Trainer divides twice from 5.2.0 until 5.5.4."""
+    return (APPLIED, 1) if (5, 2) <= release(version) < (5, 5, 4) else (NOT_NEEDED, 0)
+
+
 # BUGS.md's tables: which rule each release needs, and at how many sites.
 GEMMA4 = {
     "5.5.0": {"kv-shared-slice": (APPLIED, 2), "kv-sharing-without-cache": (APPLIED, 2)},
@@ -61,7 +66,6 @@ for version, statuses in GEMMA4.items():
     statuses["text-only-training"] = text_only_training(version)
     statuses["loss-accumulation"] = (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0)
     statuses["fp16-vision-pooler"] = (APPLIED, 2) if release(version) < (5, 10) else (NOT_NEEDED, 0)
-    statuses["accumulation-double-division"] = (APPLIED, 1) if release(version) < (5, 5, 4) else (NOT_NEEDED, 0)
 MATRIX = {
     "gemma3": {
         version: {
@@ -79,6 +83,10 @@ MATRIX = {
         for version in FAMILIES["gemma3n"].releases
     },
     "gemma4": GEMMA4,
+    "trainer": {
+        version: {"accumulation-double-division": accumulation_double_division(version)}
+        for version in FAMILIES["trainer"].releases
+    },
 }
 RELEASES = [(family, version) for family, spec in FAMILIES.items() for version in spec.releases]
 
@@ -184,7 +192,8 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["transformers"] == version
     assert result["source"] == "shipped"
-    assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == GEMMA4[version]
+    outcomes = {**GEMMA4[version], "accumulation-double-division": accumulation_double_division(version)}
+    assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == outcomes
     assert result["static_generate_equals_dynamic"]
     assert result["use_cache_gap"] == 0.0
     assert result["packed_input_proj_gap"] == 0.0
@@ -194,7 +203,7 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     assert all(result["unchanged_where_not_needed"].values()), result["unchanged_where_not_needed"]
     for family, names in result["rotary_buffer_orders"].items():
         assert names == sorted(names, key=lambda name: name.split("_attention")[0]), family  # full before sliding
-    needed_nothing = {rule for rule, (status, _) in GEMMA4[version].items() if status == NOT_NEEDED}
+    needed_nothing = {rule for rule, (status, _) in outcomes.items() if status == NOT_NEEDED}
     parts = {
         "kv-shared-slice": {"cache_utils.py"},
         "kv-sharing-without-cache": {"Gemma4TextAttention", "Gemma4TextModel"},
