@@ -5,6 +5,7 @@ Imported only when source must be rewritten; a cache hit never loads LibCST.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import ClassVar
 
 import libcst as cst
@@ -43,6 +44,7 @@ class Rule(m.MatcherDecoratableTransformer):
         self.sites = 0
         self.has_fixed_shape = False
         self.problems: list[str] = []
+        self.parts: Counter[str] = Counter()  # the parts of a multi-part fix found so far, for ``check``
 
     def rewrote(self) -> None:
         self.sites += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from textwrap import dedent
 
 import libcst as cst
@@ -421,10 +420,6 @@ class InputProjDequantRule(Rule):
         BUGGY.replace("self.input_proj = nn.Linear(", "self.input_proj = Gemma4ClippableLinear(config, "),
     )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: Counter[str] = Counter()
-
     @m.call_if_inside(IN_PATCH_EMBEDDER)
     @m.leave(DEQUANTIZING_INPUT_PROJ)
     def note_dequantizing(self, original_node: cst.Assign, updated_node: cst.Assign) -> cst.Assign:
@@ -556,10 +551,6 @@ class LossAccumulationRule(Rule):
         BUGGY.replace('base_model_prefix = "model"', "accepts_loss_kwargs = False"),
     )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: Counter[str] = Counter()
-
     @m.visit(ACCEPTS_NO_LOSS_KWARGS)
     def note_no_loss_kwargs(self, node: cst.Assign) -> None:
         self.parts["declared"] += 1
@@ -689,10 +680,6 @@ class VisionPoolerFloat16Rule(Rule):
         # the vision model no longer standardizes where the pooler's output arrives
         BUGGY.replace("if self.config.standardize:", "if self.standardize:"),
     )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: Counter[str] = Counter()
 
     @m.call_if_inside(IN_POOLER)
     @m.leave(SCALE_IN_PLACE)

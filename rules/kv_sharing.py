@@ -3,8 +3,6 @@ each forward call and hands it to every decoder layer, and the attention takes i
 
 from __future__ import annotations
 
-from collections import Counter
-
 import libcst as cst
 import libcst.matchers as m
 
@@ -33,10 +31,6 @@ class SharedKVStatesRule(Rule):
 
     id = "kv-sharing-without-cache"
     marker = "is_kv_shared_layer"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: Counter[str] = Counter()
 
     def key_type(self) -> str | None:
         """The type of the dict's keys (``int``: layer index), or ``None`` while the shape is not known."""
