@@ -147,17 +147,27 @@ def cache_command(args, console: Console) -> int:
     if args.action == "clear":
         console.print(f"removed {locations['user'].clear()} entries from {locations['user'].root}")
         return 0
-    installed = {}  # key of each family's entry for the installed release -> (family, its sources)
+    if args.source_dir == "":
+        raise ValueError("--source-dir is empty: name a transformers package folder, or leave it out")
+    installed = {}  # key of each family's entry for these sources -> (family, its sources)
     for family in FAMILIES.values():
         try:
-            sources = read_sources(family, installed_transformers(family)[1])
-        except RewriterError:
+            sources = read_sources(family, Path(args.source_dir or installed_transformers(family)[1]))
+        except RewriterError:  # not this family's release, or not its files
             continue
         installed[entry_key(key_components(family, sources))] = family, sources
     if args.action == "verify":
         return verify_caches(locations, installed if args.deep else {}, console)
-    table = Table(title=f"rewriter caches; installed transformers: {installed_version()}")
-    for column in ("location", "folder", "entries", "bytes", "entries for the installed release"):
+    if args.json:
+        entries = [
+            {"family": family.name, "key": key, **{name: key in cache.keys() for name, cache in locations.items()}}
+            for key, (family, _) in installed.items()
+        ]
+        print(json.dumps(entries, indent=2))
+        return 0
+    what = args.source_dir or f"installed transformers: {installed_version()}"
+    table = Table(title=f"rewriter caches; {what}")
+    for column in ("location", "folder", "entries", "bytes", "families with an entry here"):
         table.add_column(column)
     for name, cache in locations.items():
         hits = ", ".join(family.name for key, (family, _) in installed.items() if key in cache.keys()) or "none"
@@ -252,6 +262,8 @@ def parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="inspect, check or empty the caches")
     cache.add_argument("action", choices=("info", "verify", "clear"))
     cache.add_argument("--cache-dir", help="user cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
+    cache.add_argument("--source-dir", help="info, verify --deep: these transformers sources instead of the installed")
+    cache.add_argument("--json", action="store_true", help="info: one object per family with an entry's key")
     cache.add_argument(
         "--deep", action="store_true", help="verify: also rebuild each entry of the installed release and compare"
     )

@@ -169,3 +169,21 @@ def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
     assert f"bad user entry {entry}: cache_utils.py differs from what the rules write for its sources" in out
     # the shipped entries of 5.5.0 (gemma3, gemma3n, gemma4, trainer) and this one
     assert "5 rebuilt from the installed transformers" in out
+
+
+@pytest.mark.parametrize("version, shipped", [("5.13.1", True), ("5.9.0", False)])
+def test_cache_info_names_each_family_entry_of_a_source_tree(version, shipped, cache_dir, tmp_path):
+    """gemma4 ships an entry for 5.13.1, not for 5.9.0; the tree holds only gemma4's files, so only gemma4 is named."""
+    import zipfile
+
+    from rewriter.families import FAMILIES
+    from rewriter.releases import fetch_wheel
+
+    with zipfile.ZipFile(fetch_wheel(version)) as wheel:
+        for target in FAMILIES["gemma4"].targets:
+            wheel.extract(f"transformers/{target}", tmp_path)
+    source_dir = str(tmp_path / "transformers")
+    code, out, err = rewriter_cli("cache", "info", "--source-dir", source_dir, "--json", cache_dir=cache_dir)
+    assert code == 0, err
+    (entry,) = json.loads(out)
+    assert (entry["family"], entry["shipped"], entry["user"], len(entry["key"])) == ("gemma4", shipped, False, 64)
