@@ -130,29 +130,30 @@ def rewrite_folder(family, source_dir: str | None):
 
 
 def transformers_folder(family, source_dir: str | None) -> Path:
-    """``--source-dir`` (a transformers package folder), else the installed transformers, version-checked."""
-    from rewriter.families import installed_transformers
+    """``--source-dir`` (a transformers package folder), else the installed transformers, version-checked against
+    ``family`` when one is given."""
+    from rewriter.families import installed_package, installed_transformers
 
     if source_dir == "":
         raise ValueError("--source-dir is empty: name a transformers package folder, or leave it out")
-    return Path(source_dir) if source_dir is not None else installed_transformers(family)[1]
+    if source_dir is not None:
+        return Path(source_dir)
+    return installed_transformers(family)[1] if family is not None else installed_package()
 
 
 def cache_command(args, console: Console) -> int:
     from rewriter.api import key_components, shipped_cache, user_cache
     from rewriter.cache import entry_key
-    from rewriter.families import FAMILIES, installed_transformers, installed_version, read_sources
+    from rewriter.families import FAMILIES, installed_version, read_sources
 
     locations = {"shipped": shipped_cache(), "user": user_cache(args.cache_dir)}
     if args.action == "clear":
         console.print(f"removed {locations['user'].clear()} entries from {locations['user'].root}")
         return 0
-    if args.source_dir == "":
-        raise ValueError("--source-dir is empty: name a transformers package folder, or leave it out")
     installed = {}  # key of each family's entry for these sources -> (family, its sources)
     for family in FAMILIES.values():
         try:
-            sources = read_sources(family, Path(args.source_dir or installed_transformers(family)[1]))
+            sources = read_sources(family, transformers_folder(family, args.source_dir))
         except RewriterError:  # not this family's release, or not its files
             continue
         installed[entry_key(key_components(family, sources))] = family, sources
@@ -212,9 +213,8 @@ def prebuild_command(args, console: Console) -> int:
 def scan_command(args, console: Console) -> int:
     """Where a known buggy shape appears in a transformers tree, for every family, patched by rewriter or not."""
     from rewriter.engine import scan
-    from rewriter.families import installed_package
 
-    found = scan(Path(args.source_dir) if args.source_dir else installed_package())
+    found = scan(transformers_folder(None, args.source_dir))
     if args.json:
         print(json.dumps([{"rule": o.rule, "file": o.file, "sites": o.sites} for o in found], indent=2))
     else:

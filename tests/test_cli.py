@@ -132,8 +132,9 @@ def test_json_errors_are_json(tmp_path, cache_dir):
     assert code == 2 and json.loads(out)["kind"] == "usage"
 
 
-def test_empty_source_dir_is_refused(cache_dir):
-    code, out, err = rewriter_cli("report", "gemma4", "--source-dir", "", cache_dir=cache_dir)
+@pytest.mark.parametrize("command", [("report", "gemma4"), ("scan",), ("cache", "info")], ids=lambda c: c[0])
+def test_empty_source_dir_is_refused(command, cache_dir):
+    code, out, err = rewriter_cli(*command, "--source-dir", "", cache_dir=cache_dir)
     assert code == 2
     assert out.strip() == "error: --source-dir is empty: name a transformers package folder, or leave it out"
 
