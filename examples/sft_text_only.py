@@ -12,6 +12,7 @@ without a GPU it trains on the CPU, and torchrun's processes talk over gloo.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -82,3 +83,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # Free the DDP model (its gradient reducer holds the process group) before destroying the group, and destroy
+        # it before Python shuts down. Otherwise the group's last owner is the reducer, freed while holding the GIL
+        # that gloo's worker threads need to release their last collective's tensors: a deadlock, or at shutdown an
+        # abort ("terminate called without an active exception"), in about 1 run in 8 here (torch 2.13).
+        gc.collect()
+        torch.distributed.destroy_process_group()

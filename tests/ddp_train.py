@@ -50,4 +50,5 @@ rank = torch.distributed.get_rank() if distributed else 0
 result = {"rank": rank, "losses": losses, "source": source, "hash_seed": os.environ.get("PYTHONHASHSEED")}
 (Path(out) / f"rank-{rank}.json").write_text(json.dumps(result))
 if distributed:
+    del model, optimizer, loss  # the DDP reducer first, then the process group (see examples/sft_text_only.py)
     torch.distributed.destroy_process_group()
