@@ -2,7 +2,15 @@
 
 __version__ = "0.1.0"
 
-from rewriter.api import attention_graphs, compile, compile_on_import, compiled, decode_graphs, restore  # noqa: E402
+from rewriter.api import (  # noqa: E402
+    attention_graphs,
+    compile,
+    compile_on_import,
+    compiled,
+    decode_graphs,
+    patched_source,
+    restore,
+)
 from rewriter.report import (  # noqa: E402
     CompileReport,
     RewriterError,
@@ -22,5 +30,6 @@ __all__ = [
     "compile_on_import",
     "compiled",
     "decode_graphs",
+    "patched_source",
     "restore",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import linecache
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ _warned: set[str] = set()
 @dataclass
 class _Active:
     report: CompileReport
+    texts: dict[str, str]
     installed: list[installer.Installed]
     attention: CompiledAttention | None = None
     decoding: CompiledDecoding | None = None
@@ -99,17 +99,17 @@ def compile(
         return active.report
 
     entry, where = _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped)
-    report = CompileReport(spec.name, version, key, where, str(entry.folder) if where != "memory" else None, entry.outcomes)
+    report = CompileReport(spec.name, version, key, where, str(entry.manifest) if entry.manifest else None, entry.outcomes)
     _check_drift(report, strict)
 
     for required in spec.requires:
         if required not in _active:
             compile_on_import(required, cache_dir=cache_dir, strict=strict, use_shipped=use_shipped)
     restore(spec.name)
-    active = _Active(report, [])
+    active = _Active(report, entry.texts, [])
     try:
         for target, patch in entry.patches.items():
-            filename = str(entry.path(target)) if where != "memory" else _in_memory(key, target, entry.texts[target])
+            filename = f"<rewriter {key[:12]} transformers/{target}>"
             active.installed.append(installer.install(patch, entry.texts[target], filename))
     except BaseException:
         _uninstall(spec.name, active)
@@ -138,6 +138,13 @@ def compiled(family: str) -> CompileReport | None:
     """The report of ``family``'s installed patch, or ``None`` while it is not installed."""
     active = _active.get(get_family(family).name)
     return active.report if active is not None else None
+
+
+def patched_source(family: str, target: str) -> str | None:
+    """The text of ``target`` (a file ``family`` patches, relative to the transformers package) as it now runs:
+    patched, or upstream's where no rule changed it; ``None`` while the family is not compiled."""
+    active = _active.get(get_family(family).name)
+    return active.texts[target] if active is not None else None
 
 
 def restore(family: str) -> bool:
@@ -217,7 +224,7 @@ def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
 def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped) -> tuple[Entry, str]:
     user = user_cache(cache_dir)
     if use_shipped and not os.environ.get("REWRITER_NO_SHIPPED"):
-        entry = shipped_cache().load(key)
+        entry = shipped_cache().load(key, sources)
         if entry is not None:
             return entry, "shipped"
     try:
@@ -225,17 +232,17 @@ def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipp
             check_trusted(user.root)
     except OSError as error:
         _warn_once(str(user.root), f"rewriter: not using cache folder {user.root} ({error}); compiling in memory")
-        return Entry(user.root / key, *build(spec, sources)), "memory"
+        return Entry(None, *build(spec, sources)), "memory"
     with user.lock(key):
-        entry = user.load(key)
+        entry = user.load(key, sources)
         if entry is not None:
             return entry, "user_cache"
         texts, outcomes, patches = build(spec, sources)
         try:
-            return user.store(key, texts, outcomes, patches, components, release=version), "compiled"
+            return user.store(key, sources, texts, outcomes, patches, components, release=version), "compiled"
         except OSError as error:
             _warn_once(str(user.root), f"rewriter: not storing the entry in {user.root}: {error}; compiling in memory")
-            return Entry(user.root / key, texts, outcomes, patches), "memory"
+            return Entry(None, texts, outcomes, patches), "memory"
 
 
 def _check_decode_unit(unit: str | None, compile_attention: bool) -> None:
@@ -257,13 +264,6 @@ def _warn_once(what: str, message: str) -> None:
     if what not in _warned:
         _warned.add(what)
         logger.warning(message)
-
-
-def _in_memory(key: str, target: str, text: str) -> str:
-    """A pseudo file name for patched source that was not written, registered so tracebacks show its lines."""
-    filename = f"<rewriter {key[:12]}>/transformers/{target}"
-    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
-    return filename
 
 
 def _check_drift(report: CompileReport, strict: bool) -> None:

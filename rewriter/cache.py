@@ -1,28 +1,35 @@
-"""Content-addressed cache entries of patched source, safe to share between processes and to ship in a wheel.
+"""Content-addressed cache entries of patches, safe to share between processes and to ship in a wheel.
 
-An entry is a folder named by its key holding the patched files under ``transformers/`` and ``manifest.json``.
-A writer builds it in a fresh folder of its own and renames that into place, so an entry is whole or absent and
-nothing is ever written into a folder someone else could have prepared. A reader trusts an entry only when its
-manifest names the key, its components hash to that key, its digest covers the rest of it, its outcomes and install
-plans have the shape rewriter writes, and it holds exactly the files listed, each matching its sha256; in a user's
-cache the folders and files must also be the user's (or root's), writable by nobody else, and no symlinks. Every
+A cache folder is flat. An entry is ``<key>.json``, its manifest: the sha256 of every source file and of every
+patched file, the rules' outcomes and the install plans. What the rules changed in a file is a unified diff against
+the upstream file, stored once as ``<sha256 of the diff>.diff`` and shared by every entry (every release) with the
+same change. The patched text is rebuilt from the installed source and the diff, and must hash to the manifest's
+sha256 before anything runs.
+
+A writer writes each file under a private name and renames it into place, so a file is whole or absent, and a
+rename never writes through a symlink. A reader trusts an entry only when its manifest names the key, its
+components hash to that key, its digest covers the rest of it, its outcomes and install plans have the shape rewriter
+writes, every diff matches its name and applies exactly, and every patched text matches its sha256; in a user's
+cache the folder and files must also be the user's (or root's), writable by nobody else, and no symlinks. Every
 failure to read or write is a logged miss, never a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -32,11 +39,11 @@ from rewriter.families import module_name
 from rewriter.install import ModulePatch
 from rewriter.report import RuleOutcome, Status
 
-SCHEMA = 2
-MANIFEST = "manifest.json"
+SCHEMA = 3
 LOCKS = ".locks"
-BUILDING = ".building-"  # a writer's private folder, renamed into place when whole
-REPLACED = ".replaced-"  # an untrusted entry moved aside, then removed
+WRITING = ".writing-"  # a file a writer has not renamed into place yet
+SHA256 = re.compile(r"[0-9a-f]{64}")
+HUNK = re.compile(r"@@ -(\d+)(?:,(\d+))? \+\d+(?:,\d+)? @@")
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +62,38 @@ def manifest_digest(manifest: dict) -> str:
     return sha256(json.dumps(covered, sort_keys=True))
 
 
+def unified_diff(target: str, source: str, patched: str) -> str:
+    """What the rules changed in ``target``, as a unified diff that ``apply_diff`` turns back into ``patched``."""
+    lines = difflib.unified_diff(
+        source.split("\n"), patched.split("\n"), f"a/transformers/{target}", f"b/transformers/{target}", lineterm=""
+    )
+    return "\n".join(lines) + "\n"
+
+
+def apply_diff(source: str, diff: str) -> str:
+    """``source`` with ``diff`` applied; ``ValueError`` unless every hunk's context and removed lines are exactly there."""
+    old, new, at = source.split("\n"), [], 0
+    lines = diff.removesuffix("\n").split("\n")
+    if len(lines) < 3 or not lines[0].startswith("--- ") or not lines[1].startswith("+++ "):
+        raise ValueError("a diff has no file header")
+    for line in lines[2:]:
+        if hunk := HUNK.fullmatch(line):
+            start = int(hunk[1]) - (hunk[2] != "0")  # an empty range names the line before it
+            if start < at:
+                raise ValueError("a diff's hunks overlap")
+            new += old[at:start]
+            at = start
+        elif line[:1] == "+":
+            new.append(line[1:])
+        elif line[:1] in (" ", "-") and at < len(old) and old[at] == line[1:]:
+            if line[0] == " ":
+                new.append(old[at])
+            at += 1
+        else:
+            raise ValueError("a diff does not apply to the installed source")
+    return "\n".join(new + old[at:])
+
+
 class UntrustedError(OSError):
     """A cache folder or file that someone else could have written: never read, never written into."""
 
@@ -65,17 +104,18 @@ class StoreError(OSError):
 
 @dataclass(frozen=True)
 class Entry:
-    folder: Path
+    """A checked entry: where its manifest is (``None`` when only in memory), each patched text, what the rules
+    reported, how each changed module installs, and the diff of each changed file."""
+
+    manifest: Path | None
     texts: dict[str, str]
     outcomes: tuple[RuleOutcome, ...]
     patches: dict[str, ModulePatch]
-
-    def path(self, target: str) -> Path:
-        return self.folder / "transformers" / target
+    diffs: dict[str, str] = field(default_factory=dict)
 
 
 class CacheDir:
-    """The entries under one root: the package's shipped ``compiled_cache`` (read-only) or a user's cache folder.
+    """The entries in one folder: the package's shipped ``compiled_cache`` (read-only) or a user's cache folder.
 
     The root is made absolute once, so that a relative folder means the same one for the whole run. Shipped entries
     are trusted as much as the installed package itself, and still checked against their hashes.
@@ -85,33 +125,63 @@ class CacheDir:
         self.root = Path(os.path.abspath(root))
         self.shipped = shipped
 
-    def read(self, key: str) -> Entry:
-        """The entry ``key``, checked; ``OSError`` or ``ValueError`` says why not."""
+    def manifest(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def read(self, key: str, sources: dict[str, str] | None = None) -> Entry:
+        """The entry ``key``, checked, with its patched texts rebuilt from ``sources`` (without them: its manifest
+        and diffs only, and no texts); ``OSError`` or ``ValueError`` says why not."""
         if not self.shipped:
             check_trusted(self.root)
-        return read_entry(self.root / key, key, check=not self.shipped)
+        try:
+            manifest = json.loads(self._read(self.manifest(key)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"the manifest is not JSON: {error}") from None
+        files, outcomes, patches, diff_names = _checked_manifest(manifest, key)
+        diffs = {}
+        for target, name in diff_names.items():
+            data = self._read(self.root / f"{name}.diff")
+            if sha256(data) != name:
+                raise ValueError(f"the diff of {target} does not match its sha256 ({name}.diff)")
+            diffs[target] = data.decode()
+        texts = {}
+        if sources is not None:
+            if {target: sha256(text) for target, text in sources.items()} != manifest["components"]["sources"]:
+                raise ValueError("the entry was built from other sources than these")
+            for target, text in sources.items():
+                texts[target] = apply_diff(text, diffs[target]) if target in diffs else text
+                if sha256(texts[target]) != files[target]:
+                    raise ValueError(f"{target}, patched, does not match its sha256 in the manifest")
+            for target, patch in patches.items():
+                patch.check(texts[target])
+        return Entry(self.manifest(key), texts, outcomes, patches, diffs)
 
-    def load(self, key: str) -> Entry | None:
-        """The entry ``key``, or ``None`` on a miss; a bad entry is a logged miss."""
-        if not os.path.lexists(self.root / key):
+    def load(self, key: str, sources: dict[str, str]) -> Entry | None:
+        """The entry ``key`` for ``sources``, or ``None`` on a miss; a bad entry is a logged miss."""
+        if not os.path.lexists(self.manifest(key)):
             return None
         try:
-            return self.read(key)
+            return self.read(key, sources)
         except (OSError, ValueError) as error:
-            logger.warning("rewriter: not using cache entry %s: %s", self.root / key, error)
+            logger.warning("rewriter: not using cache entry %s: %s", self.manifest(key), error)
             return None
 
-    def store(self, key, texts: dict[str, str], outcomes, patches: dict[str, ModulePatch], components, *, release=""):
-        """Write the entry into a fresh folder of this writer, then rename it into place (an untrusted entry there
-        is moved aside and removed whole, never written into).
+    def store(self, key, sources, texts, outcomes, patches, components, *, release="") -> Entry:
+        """Write each changed file's diff (unless that diff is there already), then the manifest, each under a
+        private name renamed into place.
 
         Raises ``OSError`` (``UntrustedError``, ``StoreError``) when the root cannot safely take it.
         """
+        diffs = {target: unified_diff(target, sources[target], texts[target]) for target in patches}
+        for target, diff in diffs.items():
+            if apply_diff(sources[target], diff) != texts[target]:
+                raise StoreError(f"the patch of {target} cannot be stored as a diff that rebuilds it")
         manifest = {
             "schema": SCHEMA,
             "key": key,
             "components": components,
             "files": {target: sha256(text) for target, text in texts.items()},
+            "diffs": {target: sha256(diff) for target, diff in diffs.items()},
             "outcomes": [asdict(outcome) for outcome in outcomes],
             "patches": {target: asdict(patch) for target, patch in patches.items()},
             "transformers": release,
@@ -120,42 +190,56 @@ class CacheDir:
         try:
             make_dirs(self.root)
             check_trusted(self.root)
-            building = Path(tempfile.mkdtemp(prefix=f"{BUILDING}{key[:16]}-", dir=self.root))
-            try:
-                for target, text in texts.items():
-                    _write_new(building / "transformers" / target, text)
-                _write_new(building / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-                os.chmod(building, 0o755)
-                self._publish(building, key)
-            finally:
-                shutil.rmtree(building, ignore_errors=True)  # gone already when it was published
+            for diff in diffs.values():
+                if self._diff_problem(sha256(diff)) is not None:
+                    self._write(self.root / f"{sha256(diff)}.diff", diff)
+            self._write(self.manifest(key), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         except UntrustedError:
             raise
         except OSError as error:
             raise StoreError(_why_not_stored(self.root, error)) from error
-        return Entry(self.root / key, texts, tuple(outcomes), patches)
+        return Entry(self.manifest(key), dict(texts), tuple(outcomes), dict(patches), diffs)
 
-    def _publish(self, building: Path, key: str) -> None:
-        """Rename ``building`` to ``key``. An entry already there stays when it checks (another writer's, the same
-        bytes); otherwise it is moved aside and removed."""
-        folder = self.root / key
-        for _ in range(3):
-            try:
-                os.rename(building, folder)
-                return
-            except OSError as error:
-                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                    raise
-            if self.verify(key) is None:
-                return
-            with contextlib.suppress(FileNotFoundError):  # a concurrent writer may have moved it already
-                self.remove(key)
-        raise StoreError(f"{folder} kept changing while this entry was published")
+    def _diff_problem(self, name: str) -> str | None:
+        """Why the diff ``name`` cannot be used as it is (missing, untrusted, not matching its name), or ``None``."""
+        try:
+            data = self._read(self.root / f"{name}.diff")
+        except OSError as error:
+            return str(error)
+        return None if sha256(data) == name else "it does not match its sha256"
+
+    def _read(self, path: Path) -> bytes:
+        """The bytes of ``path``, never through a symlink; in a user's cache only a file of the user's that no one
+        else can write."""
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UntrustedError(f"{path} is a symlink") from None
+            raise
+        with open(descriptor, "rb") as file:
+            if not self.shipped:
+                _check_owner_and_mode(path, os.fstat(file.fileno()))
+            return file.read()
+
+    def _write(self, path: Path, text: str) -> None:
+        """Write ``text`` under a private name, then rename it to ``path`` (replacing a file or symlink there,
+        never writing through it); nothing is left behind on failure."""
+        descriptor, writing = tempfile.mkstemp(prefix=WRITING, dir=self.root)
+        try:
+            with open(descriptor, "w", encoding="utf-8", newline="") as file:
+                file.write(text)
+            os.chmod(writing, 0o644)
+            os.rename(writing, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(writing)
+            raise
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Hold a per-key file lock, so that processes starting together build an entry once. Best effort:
-        without a lock (an unwritable root) work may be done twice, which the atomic publish makes harmless."""
+        without a lock (an unwritable root) work may be done twice, which the atomic renames make harmless."""
         import filelock
 
         try:
@@ -171,71 +255,57 @@ class CacheDir:
             lock.release()
 
     def keys(self) -> list[str]:
+        return sorted(name for name in self._names(".json") if not self.manifest(name).is_symlink())
+
+    def _names(self, suffix: str) -> list[str]:
+        """The sha256 names of the files in the root ending with ``suffix``."""
         if not self.root.is_dir():
             return []
-        return sorted(path.name for path in self.root.iterdir() if len(path.name) == 64 and not path.is_symlink())
+        return [path.stem for path in self.root.iterdir() if path.suffix == suffix and SHA256.fullmatch(path.stem)]
 
-    def verify(self, key: str) -> str | None:
-        """Why the entry ``key`` cannot be trusted, or ``None`` when it checks."""
+    def verify(self, key: str, sources: dict[str, str] | None = None) -> str | None:
+        """Why the entry ``key`` cannot be trusted, or ``None`` when it checks (its patched texts too, given the
+        ``sources`` it was built from)."""
         try:
-            self.read(key)
+            self.read(key, sources)
         except (OSError, ValueError) as error:
             return str(error)
         return None
 
     def size(self) -> int:
-        return sum(path.stat().st_size for key in self.keys() for path in (self.root / key).rglob("*") if path.is_file())
+        return sum(path.stat().st_size for path in self.root.iterdir() if path.is_file()) if self.root.is_dir() else 0
 
     def remove(self, key: str) -> None:
-        """Move the entry aside, then delete it, so that a writer publishing ``key`` meanwhile is never mixed in."""
-        aside = Path(tempfile.mkdtemp(prefix=REPLACED, dir=self.root))
-        try:
-            os.rename(self.root / key, aside / key)
-        finally:
-            _remove(aside)
+        """Remove the entry's manifest (its diffs may serve other entries: ``collect`` removes those no entry uses)."""
+        self.manifest(key).unlink()
+
+    def collect(self) -> int:
+        """Remove the diffs that no entry names; how many. Not safe while another process stores entries."""
+        used = set()
+        for key in self.keys():
+            with contextlib.suppress(OSError, ValueError):
+                used.update(_checked_manifest(json.loads(self._read(self.manifest(key))), key)[3].values())
+        unused = set(self._names(".diff")) - used
+        for name in unused:
+            (self.root / f"{name}.diff").unlink()
+        return len(unused)
 
     def clear(self) -> int:
-        """Remove every entry, the locks, and what writers that were killed left behind."""
+        """Remove every entry and diff, the locks, what killed writers left behind, and entries of older schemas."""
         keys = self.keys()
-        for key in keys:
-            with contextlib.suppress(FileNotFoundError):  # a concurrent writer replaced or removed it
-                self.remove(key)
-        if self.root.is_dir():
-            for path in self.root.iterdir():
-                if path.name == LOCKS or path.name.startswith((BUILDING, REPLACED)):
-                    shutil.rmtree(path, ignore_errors=True)
+        if not self.root.is_dir():
+            return 0
+        for path in self.root.iterdir():
+            name = path.name
+            if name == LOCKS or name.startswith(WRITING) or SHA256.fullmatch(name.split(".")[0]):
+                with contextlib.suppress(FileNotFoundError):  # a concurrent clear removed it
+                    _remove(path)
         return len(keys)
 
 
-def read_entry(folder: Path, key: str, *, check: bool) -> Entry:
-    """Read and check the entry in ``folder``; ``OSError`` or ``ValueError`` says what is wrong with it."""
-    if check:
-        check_trusted(folder)
-        check_trusted(folder / MANIFEST)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"the manifest is not JSON: {error}") from None
-    files, outcomes, patches = _checked_manifest(manifest, key)
-    on_disk = _entry_files(folder, check=check)
-    expected = {MANIFEST, *(f"transformers/{target}" for target in files)}
-    if on_disk != expected:
-        extra, missing = sorted(on_disk - expected), sorted(expected - on_disk)
-        raise ValueError(f"the entry's files are not the manifest's (extra: {extra}, missing: {missing})")
-    texts = {}
-    for target, digest in files.items():
-        data = (folder / "transformers" / target).read_bytes()
-        if sha256(data) != digest:
-            raise ValueError(f"{target} does not match its sha256 in the manifest")
-        texts[target] = data.decode()
-    for target, patch in patches.items():
-        patch.check(texts[target])
-    return Entry(folder, texts, outcomes, patches)
-
-
-def _checked_manifest(manifest, key: str) -> tuple[dict[str, str], tuple[RuleOutcome, ...], dict[str, ModulePatch]]:
-    """The files, outcomes and install plans of a manifest; ``ValueError`` unless it is one rewriter wrote for
-    ``key``, unedited."""
+def _checked_manifest(manifest, key: str):
+    """The files, outcomes, install plans and diff names of a manifest; ``ValueError`` unless it is one rewriter
+    wrote for ``key``, unedited."""
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or manifest.get("key") != key:
         raise ValueError(f"the manifest does not describe this key with schema {SCHEMA}")
     components = manifest.get("components")
@@ -246,21 +316,25 @@ def _checked_manifest(manifest, key: str) -> tuple[dict[str, str], tuple[RuleOut
     sources, files = components.get("sources"), manifest.get("files")
     if not isinstance(sources, dict) or not isinstance(files, dict) or files.keys() != sources.keys():
         raise ValueError("the manifest does not list one patched file per source file")
-    if not all(isinstance(digest, str) and len(digest) == 64 for digest in files.values()):
+    if not all(isinstance(digest, str) and SHA256.fullmatch(digest) for digest in files.values()):
         raise ValueError("a file's sha256 in the manifest is not a sha256")
     outcomes = manifest.get("outcomes")
     if not isinstance(outcomes, list) or not outcomes:
         raise ValueError("the manifest has no list of rule outcomes")
     outcomes = tuple(_checked_outcome(outcome, files) for outcome in outcomes)
-    patches = manifest.get("patches")
     changed = {target for target in files if files[target] != sources[target]}
+    patches, diffs = manifest.get("patches"), manifest.get("diffs")
     if not isinstance(patches, dict) or patches.keys() != changed:
         raise ValueError(f"the manifest's install plans are not one per changed file ({sorted(changed)})")
+    if not isinstance(diffs, dict) or diffs.keys() != changed:
+        raise ValueError(f"the manifest's diffs are not one per changed file ({sorted(changed)})")
+    if not all(isinstance(name, str) and SHA256.fullmatch(name) for name in diffs.values()):
+        raise ValueError("a diff's name in the manifest is not a sha256")
     patches = {target: ModulePatch.from_json(plan) for target, plan in patches.items()}
     for target, patch in patches.items():
         if patch.module != module_name(target):
             raise ValueError(f"the install plan of {target} names another module, {patch.module!r}")
-    return files, outcomes, patches
+    return files, outcomes, patches, diffs
 
 
 def _checked_outcome(outcome, files: dict) -> RuleOutcome:
@@ -279,28 +353,15 @@ def _checked_outcome(outcome, files: dict) -> RuleOutcome:
     return RuleOutcome(**outcome)
 
 
-def _entry_files(folder: Path, *, check: bool) -> set[str]:
-    """The paths of the files in an entry, relative to it; every folder and file checked when ``check``.
-
-    ``__pycache__`` folders are left out: pip byte-compiles the shipped entries, and rewriter never reads them.
-    """
-    found = set()
-    for parent, folders, names in os.walk(folder):
-        folders[:] = [name for name in folders if name != "__pycache__"]
-        for name in [*folders, *names]:
-            path = Path(parent, name)
-            if check:
-                check_trusted(path)
-            if name in names or path.is_symlink():
-                found.add(str(path.relative_to(folder)))
-    return found
-
-
 def check_trusted(path: Path) -> None:
     """Raise ``UntrustedError`` unless ``path`` is no symlink, is the user's or root's, and only they can write it."""
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
         raise UntrustedError(f"{path} is a symlink")
+    _check_owner_and_mode(path, info)
+
+
+def _check_owner_and_mode(path: Path, info: os.stat_result) -> None:
     if info.st_uid not in (os.getuid(), 0):
         raise UntrustedError(f"{path} is owned by another user (uid {info.st_uid})")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -319,7 +380,7 @@ def _why_not_stored(root: Path, error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         return f"no space left on the device of {root}"
     if error.errno == errno.ENOENT:
-        return f"a folder under {root} was removed while the entry was written (a concurrent `cache clear`?): {error}"
+        return f"a file under {root} was removed while the entry was written (a concurrent `cache clear`?): {error}"
     if error.errno == errno.ENOTDIR:
         return f"{root} is not a folder: {error}"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -340,11 +401,3 @@ def make_dirs(path: Path) -> None:
     for folder in reversed(missing):
         folder.mkdir(exist_ok=True)
         os.chmod(folder, 0o755)
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Write a file in a writer's private folder, creating its parents; it must not exist yet."""
-    make_dirs(path.parent)
-    with open(path, "x", encoding="utf-8") as file:
-        file.write(text)
-    os.chmod(path, 0o644)

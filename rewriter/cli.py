@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 import json
 import os
 import sys
@@ -78,19 +77,23 @@ def compile_command(args, console: Console) -> int:
 
 
 def diff_command(args, console: Console) -> int:
-    from rewriter.families import get_family
+    """What the rules change, as unified diffs: those of the shipped (else the user's) cache entry for these sources,
+    exactly as stored, or those of a fresh rewrite when neither cache holds one."""
+    from rewriter.api import key_components, shipped_cache, user_cache
+    from rewriter.cache import entry_key, unified_diff
+    from rewriter.families import get_family, read_sources
 
     family = get_family(args.family)
-    sources, patched, outcomes = rewrite_folder(family, args.source_dir)
-    for target in family.targets:
-        sys.stdout.writelines(
-            difflib.unified_diff(
-                sources[target].splitlines(keepends=True),
-                patched[target].splitlines(keepends=True),
-                f"a/transformers/{target}",
-                f"b/transformers/{target}",
-            )
-        )
+    sources = read_sources(family, transformers_folder(family, args.source_dir))
+    key = entry_key(key_components(family, sources))
+    entry = shipped_cache().load(key, sources) or user_cache(args.cache_dir).load(key, sources)
+    if entry is not None:
+        diffs, outcomes = entry.diffs, entry.outcomes
+    else:
+        _, patched, outcomes = rewrite_folder(family, args.source_dir)
+        changed = [target for target in family.targets if patched[target] != sources[target]]
+        diffs = {target: unified_diff(target, sources[target], patched[target]) for target in changed}
+    sys.stdout.write("".join(diffs.values()))
     return 1 if any(outcome.status == "drift" for outcome in outcomes) else 0
 
 
@@ -158,7 +161,7 @@ def cache_command(args, console: Console) -> int:
             continue
         installed[entry_key(key_components(family, sources))] = family, sources
     if args.action == "verify":
-        return verify_caches(locations, installed if args.deep else {}, console)
+        return verify_caches(locations, installed, args.deep, console)
     if args.json:
         entries = [
             {"family": family.name, "key": key, **{name: key in cache.keys() for name, cache in locations.items()}}
@@ -177,36 +180,38 @@ def cache_command(args, console: Console) -> int:
     return 0
 
 
-def verify_caches(locations: dict, rebuild: dict, console: Console) -> int:
-    """Check every entry; rebuild those in ``rebuild`` (``--deep``: ``{key: (family, sources)}`` of the installed
-    release) and compare them byte for byte."""
+def verify_caches(locations: dict, installed: dict, deep: bool, console: Console) -> int:
+    """Check every entry, the patched texts of those in ``installed`` (``{key: (family, sources)}`` of the
+    installed release) too; with ``deep``, also rebuild those and compare them byte for byte."""
     from rewriter.prebuild import compare_with_rebuild
 
     checked = bad = rebuilt = 0
     for name, cache in locations.items():
         for key in cache.keys():
             checked += 1
-            why = cache.verify(key)
-            if why is None and key in rebuild:
+            family, sources = installed.get(key, (None, None))
+            why = cache.verify(key, sources)
+            if why is None and deep and sources is not None:
                 rebuilt += 1
-                why = compare_with_rebuild(cache.read(key), *rebuild[key])
+                why = compare_with_rebuild(cache.read(key, sources), family, sources)
             if why is not None:
                 bad += 1
-                where = escape(str(cache.root / key))
+                where = escape(str(cache.manifest(key)))
                 console.print(f"[bold red]bad[/] {name} entry {where}: {escape(why)}", soft_wrap=True)
     console.print(f"{checked - bad} of {checked} entries check")
-    if rebuild:
+    if deep:
         console.print(f"{rebuilt} rebuilt from the installed transformers and compared byte for byte")
     return 1 if bad else 0
 
 
 def prebuild_command(args, console: Console) -> int:
     from rewriter.api import shipped_cache
-    from rewriter.prebuild import prebuild
+    from rewriter.prebuild import plan, prebuild
 
     out = Path(args.out) if args.out else shipped_cache().root
-    for family, release, key in prebuild(out, args.releases or None):
-        console.print(f"{family} on transformers {release}: {out / key}")
+    total = len(plan(args.releases or None))
+    for done, (family, release, key, built) in enumerate(prebuild(out, args.releases or None), 1):
+        console.print(f"[{done}/{total}] {family} on transformers {release}: {key} {'built' if built else 'kept'}")
     return 0
 
 
@@ -250,9 +255,10 @@ def parser() -> argparse.ArgumentParser:
         help="generate with a static cache and compile each decode step: the whole forward, or each decoder layer",
     )
     compile_.set_defaults(run=compile_command)
-    diff = commands.add_parser("diff", help="print a unified diff of what each rule changes")
+    diff = commands.add_parser("diff", help="print a unified diff of what the rules change (a cache entry's, if any)")
     diff.add_argument("family")
     diff.add_argument("--source-dir", help="a transformers package folder (an unzipped wheel) instead of the installed")
+    diff.add_argument("--cache-dir", help="user cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
     diff.set_defaults(run=diff_command)
     report = commands.add_parser("report", help="each rule's status on a transformers source tree, never imported")
     report.add_argument("family")

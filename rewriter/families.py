@@ -10,6 +10,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from rewriter.releases import RELEASES
 from rewriter.report import UnsupportedTransformersError
 
 
@@ -19,16 +20,20 @@ class Family:
 
     ``files`` maps each file (relative to the transformers package) to the rules that run on it, in order, as
     ``"module:Class"`` names, so that reading a family never imports LibCST. One rule class serves every file that
-    has its bug, in any family. ``releases`` are the releases the rules are checked against and shipped for.
+    has its bug, in any family.
     ``requires`` names families whose fixes this one's rely on, or that its users meet anyway (``trainer``).
     """
 
     name: str
     supported: str
-    releases: tuple[str, ...]
     files: dict[str, tuple[str, ...]]
     attention: tuple[str, str] | None = None  # the file and class of the text attention ``compile_attention`` compiles
     requires: tuple[str, ...] = ()  # families patched, when the program imports their module, with this one
+
+    @property
+    def releases(self) -> tuple[str, ...]:
+        """The releases of ``rewriter.releases.RELEASES`` this family supports: checked and shipped, oldest first."""
+        return tuple(release for release in RELEASES if Version(release) in SpecifierSet(self.supported))
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -62,17 +67,12 @@ FAMILIES = {
     "gemma3": Family(
         name="gemma3",
         supported=">=4.53,<6",
-        releases=("4.53.0", "4.57.6", "5.0.0", "5.5.0", "5.14.1", "5.15.1", "5.16.0", "5.24.0"),
         files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, TEXT_ONLY_TRAINING)},
         requires=("trainer",),
     ),
     "gemma3n": Family(
         name="gemma3n",
         supported=">=4.53,<6",
-        releases=(
-            "4.53.0", "4.53.3", "4.54.0", "4.55.4", "4.56.0", "4.57.6", "5.0.0", "5.5.0", "5.5.4", "5.6.0",
-            "5.14.1", "5.15.1", "5.16.0", "5.24.0",
-        ),
         files={
             "models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER, "rewriter.rules.gemma3n:KVSharingWithoutCacheRule")
         },
@@ -81,7 +81,6 @@ FAMILIES = {
     "gemma4": Family(
         name="gemma4",
         supported=">=5.5,<6",
-        releases=("5.5.0", "5.5.1", "5.5.2", "5.5.4", "5.8.0", "5.12.1", "5.13.1", "5.14.0", "5.16.1", "5.20.2", "5.24.0"),
         files={
             "cache_utils.py": ("rewriter.rules.gemma4:KVSharedSliceRule",),
             "models/gemma4/modeling_gemma4.py": (
@@ -100,7 +99,6 @@ FAMILIES = {
     "trainer": Family(
         name="trainer",
         supported=">=4.53,<6",
-        releases=("4.53.0", "5.1.0", "5.2.0", "5.5.0", "5.5.3", "5.5.4", "5.24.0"),
         files={"trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",)},
     ),
 }

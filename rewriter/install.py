@@ -2,15 +2,18 @@
 
 A patched module is never imported in place of the original: its classes and functions stay the objects users
 already hold. Instead, each function whose source a rule changed gets the code object compiled from the patched
-file (``function.__code__ = ...``), so wrappers, decorators, ``isinstance`` and ``super()`` keep working, calls
-cost nothing extra, and tracebacks and ``inspect.getsource`` point at real lines of the patched file. New top-level
-definitions a rule adds run in the module's own namespace.
+text (``function.__code__ = ...``), so wrappers, decorators, ``isinstance`` and ``super()`` keep working, and calls
+cost nothing extra. The patched text is registered in ``linecache`` under the file name the code is compiled with
+(``<rewriter KEY transformers/FILE>``: the angle brackets keep ``linecache`` from ever substituting the upstream
+file), so tracebacks, debuggers and ``inspect.getsource`` show the patched lines. New top-level definitions a rule
+adds run in the module's own namespace.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import linecache
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +25,9 @@ DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 # Up to 3.12, ``inspect`` finds a class by name in its module's ``__file__``; 3.13 reads ``__firstlineno__`` there,
 # which for the classes no rule touched is a line of the original file.
 CLASSES_FOUND_BY_NAME = sys.version_info < (3, 13)
+# ... and transformers itself opens a model's module ``__file__`` (to look for its attention interface), so that must
+# stay a real file; a Linux memfd gives the patched text one without writing to any disk.
+IN_MEMORY_FILES = hasattr(os, "memfd_create")
 
 
 class InstallError(RewriterError):
@@ -110,6 +116,7 @@ class Installed:
     added: tuple[str, ...]
     originals: list[tuple[FunctionType, tuple]] = field(default_factory=list)
     original_file: str | None = None
+    text_file: int | None = None  # the descriptor of the memfd that ``__file__`` names meanwhile
 
 
 def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
@@ -123,12 +130,17 @@ def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
             raise InstallError(f"{target.__qualname__}: the patched code closes over other names")
     definitions = ast.Module(body=[_parse(lines, first, last) for first, last in patch.definitions], type_ignores=[])
     before = set(vars(module))
-    exec(compile(definitions, filename, "exec", dont_inherit=True), vars(module))  # all checks passed: now install
+    # all checks passed: now install. Tracebacks, debuggers and ``inspect`` read the patched lines from linecache
+    linecache.cache[filename] = (len(patched), None, lines, filename)
+    exec(compile(definitions, filename, "exec", dont_inherit=True), vars(module))
     installed = Installed(module, tuple(name for name in vars(module) if name not in before))
-    if CLASSES_FOUND_BY_NAME and patch.definitions and os.path.isfile(filename):
+    if CLASSES_FOUND_BY_NAME and IN_MEMORY_FILES and patch.definitions:
         # ``inspect.getsource`` of a class reads its module's file: when a rule added one, point it at the patched
-        # file, which holds every class as it now runs, the added ones included (it is a whole copy of the module)
-        installed.original_file, module.__file__ = module.__file__, filename
+        # text, which holds every class as it now runs, the added ones included (it is a whole copy of the module)
+        installed.text_file = os.memfd_create(os.path.basename(module.__file__), os.MFD_CLOEXEC)
+        with open(installed.text_file, "w", encoding="utf-8", closefd=False) as file:
+            file.write(patched)
+        installed.original_file, module.__file__ = module.__file__, f"/proc/self/fd/{installed.text_file}"
     for target, replacement in zip(targets, replacements):
         installed.originals.append((target, _function_state(target)))
         _set_function_state(target, _function_state(replacement))
@@ -142,6 +154,7 @@ def uninstall(installed: Installed) -> None:
         vars(installed.module).pop(name, None)
     if installed.original_file is not None:
         installed.module.__file__ = installed.original_file
+        os.close(installed.text_file)
 
 
 def _parse(lines: list[str], first: int, last: int, header: str = "") -> ast.stmt:

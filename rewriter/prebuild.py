@@ -13,36 +13,54 @@ from rewriter.families import FAMILIES, Family
 from rewriter.releases import fetch_wheel, wheel_sources, wheel_version
 
 
-def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str, str, str]]:
-    """Write an entry for each family on each release (a version or a wheel path) it supports into ``out``.
+def plan(releases: list[str] | None = None) -> list[tuple[Family, str]]:
+    """``(family, release)`` for each entry to make: every family on each of its releases, or on each of
+    ``releases`` (versions or wheel paths) that it supports; ``ValueError`` for a release no family supports."""
+    if releases is None:
+        return [(family, release) for family in FAMILIES.values() for release in family.releases]
+    versions = {release: wheel_version(Path(release)) if release.endswith(".whl") else release for release in releases}
+    pairs = [
+        (family, release)
+        for family in FAMILIES.values()
+        for release in releases
+        if versions[release] in SpecifierSet(family.supported)
+    ]
+    if unsupported := sorted(set(releases) - {release for _, release in pairs}):
+        ranges = ", ".join(f"{family.name} {family.supported}" for family in FAMILIES.values())
+        raise ValueError(f"no family supports transformers {', '.join(unsupported)} ({ranges})")
+    return pairs
 
-    Without ``releases``: every family's own releases, and entries of no family and release are removed. Output
-    depends only on the wheels and this code: an entry already present and verified is left untouched.
-    Yields ``(family, release version, key)`` as each entry is ready.
+
+def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str, str, str, bool]]:
+    """Write the entry of each ``plan(releases)`` pair into ``out``, fetching each release's wheel once.
+
+    An entry already there that checks against its sources is kept, so an interrupted run picks up where it
+    stopped. Without ``releases``, entries of no family and release, and diffs no entry uses, are removed.
+    Output depends only on the wheels and this code. Yields ``(family, release, key, built)`` as each entry is ready.
     """
     cache = CacheDir(out, shipped=True)
     keys = set()
-    for family in FAMILIES.values():
-        for release in releases or family.releases:
-            wheel = Path(release) if release.endswith(".whl") else fetch_wheel(release)
-            if wheel_version(wheel) not in SpecifierSet(family.supported):
-                continue
-            sources = wheel_sources(wheel, family.targets)
-            components = key_components(family, sources)
-            key = entry_key(components)
-            keys.add(key)
-            if key not in cache.keys() or cache.verify(key) is not None:
-                cache.store(key, *build(family, sources), components, release=wheel_version(wheel))
-            yield family.name, wheel_version(wheel), key
+    for family, release in plan(releases):
+        wheel = Path(release) if release.endswith(".whl") else fetch_wheel(release)
+        sources = wheel_sources(wheel, family.targets)
+        components = key_components(family, sources)
+        key = entry_key(components)
+        keys.add(key)
+        built = cache.verify(key, sources) is not None
+        if built:
+            cache.store(key, sources, *build(family, sources), components, release=wheel_version(wheel))
+        yield family.name, wheel_version(wheel), key, built
     if releases is None:
         for stale in set(cache.keys()) - keys:
             cache.remove(stale)
+        cache.collect()
 
 
 def compare_with_rebuild(entry: Entry, family: Family, sources: dict[str, str]) -> str | None:
-    """What differs between ``entry`` and what the rules build from ``sources`` now; ``None`` when nothing does.
+    """What differs between ``entry`` (read with ``sources``) and what the rules build from ``sources`` now;
+    ``None`` when nothing does.
 
-    Catches what hashes cannot: a file edited together with its sha256 (and the manifest's digest).
+    Catches what hashes cannot: a diff edited together with its name, its sha256 and the manifest's digest.
     """
     texts, outcomes, patches = build(family, sources)
     for target in sorted(texts.keys() | entry.texts.keys()):

@@ -49,6 +49,15 @@ def run_python(code: str, *args: str, env: dict | None = None, cwd: Path | None 
     return result
 
 
+def build_wheel(folder: Path) -> tuple[Path, str]:
+    """rewriter's wheel, built into ``folder``, and what the build printed. ``build/`` goes first: setuptools reuses
+    it, and it keeps files since removed from the tree (cache entries of an older prebuild)."""
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", folder, ROOT]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return next(Path(folder).glob("rewriter-*.whl")), result.stdout + result.stderr
+
+
 def mutated_transformers(folder: Path, monkeypatch, target: str, old: str, new: str) -> None:
     """Make ``rewriter.compile`` read a copy of the installed sources (every family's files) in which ``old``
     became ``new`` in ``target``."""

@@ -88,20 +88,20 @@ def main(cache_dir: str) -> dict:
     result["float16_vision_features_finite"] = bool(torch.isfinite(features).all())
 
     # Where a rule is not needed, what it would touch must be upstream's code, byte for byte.
-    entry = Path(report.cache_path) / "transformers"
     package = Path(transformers.__file__).parent
     unchanged = {}
     if report.outcome("kv-shared-slice").status == "not_needed":
-        unchanged["cache_utils.py"] = (entry / "cache_utils.py").read_text() == (package / "cache_utils.py").read_text()
+        cache_utils = rewriter.patched_source("gemma4", "cache_utils.py")
+        unchanged["cache_utils.py"] = cache_utils == (package / "cache_utils.py").read_text()
     if report.outcome("kv-sharing-without-cache").status == "not_needed":
         target = "models/gemma4/modeling_gemma4.py"
-        patched, upstream = (entry / target).read_text(), (package / target).read_text()
+        patched, upstream = rewriter.patched_source("gemma4", target), (package / target).read_text()
         for name in ("Gemma4TextAttention", "Gemma4TextModel"):
             same_text = definition_text(patched, name) == definition_text(upstream, name)
             forward = inspect.unwrap(getattr(modeling_gemma4, name).forward)
             unchanged[name] = same_text and forward.__code__.co_filename == str(package / target)
     target = "models/gemma4/modeling_gemma4.py"
-    patched, upstream = (entry / target).read_text(), (package / target).read_text()
+    patched, upstream = rewriter.patched_source("gemma4", target), (package / target).read_text()
     for rule, names in NOT_NEEDED_PARTS.items():
         if report.outcome(rule).status == "not_needed":
             for name in names:
@@ -109,8 +109,8 @@ def main(cache_dir: str) -> dict:
     trainer = rewriter.compiled("trainer")  # gemma4 requires it: compiled when the accumulation check imported Trainer
     result["outcomes"].update({outcome.rule: [outcome.status, outcome.sites] for outcome in trainer.outcomes})
     if trainer.outcome("accumulation-double-division").status == "not_needed":
-        patched_trainer = Path(trainer.cache_path) / "transformers" / "trainer.py"
-        unchanged["trainer.py"] = patched_trainer.read_text() == (package / "trainer.py").read_text()
+        patched_trainer = rewriter.patched_source("trainer", "trainer.py")
+        unchanged["trainer.py"] = patched_trainer == (package / "trainer.py").read_text()
     result["unchanged_where_not_needed"] = unchanged
 
     for family in ("gemma3", "gemma3n"):

@@ -100,7 +100,7 @@ def main(cache_dir: str) -> dict:
     if report.outcome("kv-sharing-without-cache").status == "not_needed":
         target = "models/gemma3n/modeling_gemma3n.py"
         package = Path(transformers.__file__).parent
-        patched = (Path(report.cache_path) / "transformers" / target).read_text()
+        patched = rewriter.patched_source("gemma3n", target)
         upstream = (package / target).read_text()
         for name in ("Gemma3nTextAttention", "Gemma3nTextModel"):
             same_text = definition_text(patched, name) == definition_text(upstream, name)

@@ -19,9 +19,10 @@ from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
 from rewriter import api, tiny
-from rewriter.cache import MANIFEST, CacheDir, manifest_digest
+from rewriter.cache import CacheDir, apply_diff, manifest_digest
+from rewriter.families import FAMILIES, read_sources
 from rewriter.prebuild import prebuild
-from tests.conftest import ROOT, mutated_transformers, run_python
+from tests.conftest import ROOT, build_wheel, mutated_transformers, run_python
 
 MODELING = "models/gemma4/modeling_gemma4.py"
 
@@ -40,18 +41,22 @@ def compile_fresh(cache_dir, **kwargs) -> rewriter.CompileReport:
     return rewriter.compile("gemma4", cache_dir=cache_dir, use_shipped=False, **kwargs)
 
 
-def entry_files(folder: Path) -> dict[str, bytes]:
-    """Every file of an entry; the manifest without its ``built`` record, which describes the build machine."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            if path.name == MANIFEST:
-                manifest = json.loads(data)
-                del manifest["built"]
-                data = json.dumps(manifest, sort_keys=True).encode()
-            files[str(path.relative_to(folder))] = data
+def entry_files(manifest: Path) -> dict[str, bytes]:
+    """An entry's manifest, without its ``built`` record (which describes the build machine), and its diffs."""
+    data = json.loads(manifest.read_text())
+    del data["built"]
+    files = {manifest.name: json.dumps(data, sort_keys=True).encode()}
+    for name in data["diffs"].values():
+        files[f"{name}.diff"] = (manifest.parent / f"{name}.diff").read_bytes()
     return files
+
+
+def diff_of(manifest: Path, target: str) -> Path:
+    return manifest.parent / f"{json.loads(manifest.read_text())['diffs'][target]}.diff"
+
+
+def installed_sources() -> dict[str, str]:
+    return read_sources(FAMILIES["gemma4"], api.installed_transformers(FAMILIES["gemma4"])[1])
 
 
 def test_eight_processes_on_an_empty_cache_build_one_entry(tmp_path):
@@ -63,20 +68,20 @@ def test_eight_processes_on_an_empty_cache_build_one_entry(tmp_path):
     sources = [process.communicate(timeout=600)[0].strip() for process in processes]
     assert [process.returncode for process in processes] == [0] * 8
     assert sorted(set(sources)) <= ["compiled", "user_cache"] and "compiled" in sources
-    entries = [path for path in cache.iterdir() if not path.name.startswith(".")]
+    entries = list(cache.glob("*.json"))
     assert len(entries) == 1
-    assert not [path for path in cache.rglob("*") if path.name.endswith(".tmp")]
+    assert sorted(path.name for path in cache.iterdir()) == sorted([".locks", *entry_files(entries[0])])
     single = compile_fresh(tmp_path / "single")
     assert entry_files(entries[0]) == entry_files(Path(single.cache_path))
 
 
 def corrupt_truncate(entry: Path) -> None:
-    path = entry / "transformers" / MODELING
+    path = diff_of(entry, MODELING)
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
 def corrupt_flip_a_byte(entry: Path) -> None:
-    path = entry / "transformers" / MODELING
+    path = diff_of(entry, MODELING)
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x01
     path.write_bytes(bytes(data))
@@ -84,30 +89,26 @@ def corrupt_flip_a_byte(entry: Path) -> None:
 
 def corrupt_plant_code(entry: Path) -> None:
     """Code that leaves a marker file if it ever runs, on the same line so that line numbers still fit."""
-    path = entry / "transformers" / MODELING
+    path = diff_of(entry, MODELING)
     marker = entry.parent.parent / "executed"
     text = path.read_text().replace("shared_kv_states = {}", f"shared_kv_states = {{}}; open({str(marker)!r}, 'w')")
     path.write_text(text)
 
 
 def corrupt_manifest_for_other_sources(entry: Path) -> None:
-    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest = json.loads(entry.read_text())
     manifest["components"]["sources"][MODELING] = "0" * 64
-    (entry / MANIFEST).write_text(json.dumps(manifest))
+    entry.write_text(json.dumps(manifest))
 
 
 def corrupt_manifest_hash(entry: Path) -> None:
-    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest = json.loads(entry.read_text())
     manifest["files"]["cache_utils.py"] = "f" * 64
-    (entry / MANIFEST).write_text(json.dumps(manifest))
+    entry.write_text(json.dumps(manifest))
 
 
-def corrupt_delete_a_file(entry: Path) -> None:
-    (entry / "transformers" / "cache_utils.py").unlink()
-
-
-def corrupt_add_a_file(entry: Path) -> None:
-    (entry / "transformers" / "models" / "extra.py").write_text("print('planted')\n")
+def corrupt_delete_a_diff(entry: Path) -> None:
+    diff_of(entry, "cache_utils.py").unlink()
 
 
 def modeling_plan(manifest: dict) -> dict:
@@ -123,7 +124,7 @@ def point_plan_at_another_function(manifest: dict, entry: Path) -> None:
     """The patch embedder's ``__init__`` replacement names the lines of the added class's ``__init__`` instead."""
     plan = modeling_plan(manifest)
     first, last = plan["definitions"][0]
-    lines = (entry / "transformers" / MODELING).read_text().splitlines(keepends=True)
+    lines = apply_diff(installed_sources()[MODELING], diff_of(entry, MODELING).read_text()).splitlines(keepends=True)
     added = ast.parse("".join(lines[first - 1 : last])).body[0]
     init = next(node for node in added.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
     start, end = first - 1 + init.lineno, first - 1 + init.end_lineno
@@ -142,6 +143,11 @@ def no_files(manifest: dict, entry: Path) -> None:
     manifest["files"] = {}
 
 
+def swap_the_diffs(manifest: dict, entry: Path) -> None:
+    diffs = manifest["diffs"]
+    diffs[MODELING], diffs["cache_utils.py"] = diffs["cache_utils.py"], diffs[MODELING]
+
+
 def patches_as_a_list(manifest: dict, entry: Path) -> None:
     manifest["patches"] = []
 
@@ -155,11 +161,11 @@ def manifest_edit(edit, *, redigest: bool):
     so that only the checks of its shape and of the install plans against the files can catch it."""
 
     def corrupt(entry: Path) -> None:
-        manifest = json.loads((entry / MANIFEST).read_text())
+        manifest = json.loads(entry.read_text())
         edit(manifest, entry)
         if redigest:
             manifest["digest"] = manifest_digest(manifest)
-        (entry / MANIFEST).write_text(json.dumps(manifest))
+        entry.write_text(json.dumps(manifest))
 
     corrupt.__name__ = edit.__name__ + ("_redigested" if redigest else "")
     return corrupt
@@ -171,6 +177,7 @@ MANIFEST_EDITS = [
     empty_plan,
     plan_as_a_string,
     no_files,
+    swap_the_diffs,
     patches_as_a_list,
     outcome_not_needed_at_99_sites,
 ]
@@ -186,8 +193,7 @@ DIGEST_ONLY = {point_plan_at_another_function}
         corrupt_plant_code,
         corrupt_manifest_for_other_sources,
         corrupt_manifest_hash,
-        corrupt_delete_a_file,
-        corrupt_add_a_file,
+        corrupt_delete_a_diff,
         *(manifest_edit(edit, redigest=False) for edit in MANIFEST_EDITS),
         *(manifest_edit(edit, redigest=True) for edit in MANIFEST_EDITS if edit not in DIGEST_ONLY),
     ],
@@ -199,7 +205,7 @@ def test_a_damaged_entry_is_detected_never_executed_and_replaced(tmp_path, caplo
     entry = Path(good.cache_path)
     expected = entry_files(entry)
     corrupt(entry)
-    assert CacheDir(cache).verify(good.key) is not None  # what `cache verify` reports
+    assert CacheDir(cache).verify(good.key, installed_sources()) is not None  # what `cache verify` reports
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
     assert report.source == "compiled"
@@ -234,33 +240,33 @@ def test_cache_folder_owned_by_another_user_is_refused(tmp_path, caplog):
     assert len(transformers.StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
 
 
-def test_symlinked_entry_is_refused_and_replaced(tmp_path, caplog):
+def test_symlinked_manifest_is_refused_and_replaced(tmp_path, caplog):
     cache = tmp_path / "cache"
     entry = Path(compile_fresh(cache).cache_path)
-    elsewhere = tmp_path / "elsewhere"
+    elsewhere = tmp_path / "elsewhere.json"
     shutil.move(entry, elsewhere)
-    entry.symlink_to(elsewhere, target_is_directory=True)
+    entry.symlink_to(elsewhere)
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
     assert f"{entry} is a symlink" in caplog.text
     assert report.source == "compiled"
-    assert entry.is_dir() and not entry.is_symlink()
+    assert entry.is_file() and not entry.is_symlink()
 
 
-def test_symlinked_folder_inside_an_entry_is_never_written_through(tmp_path, caplog):
+def test_symlinked_diff_is_never_written_through(tmp_path, caplog):
     cache = tmp_path / "cache"
     entry = Path(compile_fresh(cache).cache_path)
-    models = entry / "transformers" / "models"
-    outside = tmp_path / "outside"
-    shutil.move(models, outside)
-    (outside / "gemma4" / "modeling_gemma4.py").write_text("# theirs\n")
-    models.symlink_to(outside, target_is_directory=True)
+    diff = diff_of(entry, MODELING)
+    outside = tmp_path / "outside.diff"
+    outside.write_text("# theirs\n")
+    diff.unlink()
+    diff.symlink_to(outside)
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
-    assert f"{models} is a symlink" in caplog.text
+    assert f"{diff} is a symlink" in caplog.text
     assert report.source == "compiled"
-    assert (outside / "gemma4" / "modeling_gemma4.py").read_text() == "# theirs\n"
-    assert not models.is_symlink() and CacheDir(cache).verify(report.key) is None
+    assert outside.read_text() == "# theirs\n"
+    assert not diff.is_symlink() and CacheDir(cache).verify(report.key, installed_sources()) is None
 
 
 COMPILE_TWICE = """
@@ -293,10 +299,10 @@ def test_empty_cache_dir_is_refused(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 64 KiB tmpfs, too small for an entry (root only)."""
+    """A 4 KiB tmpfs (one page), too small for an entry (root only)."""
     folder = tmp_path / "small"
     folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", folder], capture_output=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0755", "tmpfs", folder], capture_output=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
     yield folder
@@ -309,9 +315,9 @@ def test_full_disk_compiles_in_memory_and_leaves_nothing_behind(small_disk):
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["memory", "memory"]
         assert f"not storing the entry in {small_disk}: no space left" in result.stderr
-    left = sorted(str(path.relative_to(small_disk)) for path in small_disk.rglob("*") if path.is_file())
-    assert all(name.startswith(".locks/") for name in left), left
-    assert not [path for path in small_disk.iterdir() if path.name != ".locks"]
+    # whole diffs may stay (content-addressed, for the next try); no entry, and nothing half-written
+    left = [path for path in small_disk.iterdir() if path.name != ".locks"]
+    assert all(path.suffix == ".diff" and api.sha256(path.read_bytes()) == path.stem for path in left), left
     verify = run_python("", "-m", "rewriter", "cache", "verify", "--cache-dir", str(small_disk))
     assert verify.returncode == 0 and "bad" not in verify.stdout, verify.stdout
 
@@ -326,15 +332,17 @@ while True:
 
 def test_store_racing_a_cache_clear_says_what_happened(tmp_path):
     """``cache clear`` in another process removes a writer's folder while it writes: the error says so."""
-    entry = CacheDir(tmp_path / "first").read(compile_fresh(tmp_path / "first").key)
-    components = json.loads((entry.folder / MANIFEST).read_text())["components"]
+    sources = installed_sources()
+    key = compile_fresh(tmp_path / "first").key
+    entry = CacheDir(tmp_path / "first").read(key, sources)
+    components = json.loads(entry.manifest.read_text())["components"]
     cache = CacheDir(tmp_path / "cache")
     clearing = subprocess.Popen([sys.executable, "-c", CLEAR_FOREVER, str(cache.root)], cwd=ROOT)
     try:
         deadline, failure = time.monotonic() + 60, None
         while failure is None and time.monotonic() < deadline:
             try:
-                cache.store(entry.folder.name, entry.texts, entry.outcomes, entry.patches, components)
+                cache.store(key, sources, entry.texts, entry.outcomes, entry.patches, components)
             except OSError as error:
                 failure = error
         assert clearing.poll() is None, "the clearing process failed"
@@ -353,7 +361,7 @@ def test_other_transformers_source_gets_another_key(tmp_path, monkeypatch):
     changed = compile_fresh(cache)
     assert changed.key != original.key
     assert changed.source == "compiled"
-    entries = {path.name for path in cache.iterdir() if len(path.name) == 64}
+    entries = {path.stem for path in cache.glob("*.json")}
     trainer = {rewriter.compiled("trainer").key} if rewriter.compiled("trainer") else set()  # compiled if imported
     assert entries == {original.key, changed.key} | trainer
 
@@ -373,21 +381,24 @@ print(report.source)
 
 def test_shipped_entries_are_exactly_what_prebuild_generates(tmp_path):
     """Regenerate every shipped entry from the release wheels; any difference from the committed ones fails."""
-    keys = {key for _, _, key in prebuild(tmp_path / "regenerated")}
+    regenerated = CacheDir(tmp_path / "regenerated")
+    keys = {key for _, _, key, _ in prebuild(regenerated.root)}
     shipped = api.shipped_cache()
     assert sorted(keys) == shipped.keys(), "stale shipped entries: run python -m rewriter prebuild"
     for key in shipped.keys():
-        assert entry_files(tmp_path / "regenerated" / key) == entry_files(shipped.root / key), key
+        assert entry_files(regenerated.manifest(key)) == entry_files(shipped.manifest(key)), key
+    diffs = [sorted(path.name for path in root.glob("*.diff")) for root in (regenerated.root, shipped.root)]
+    assert diffs[0] == diffs[1], "shipped diffs that no entry uses, or missing ones: run python -m rewriter prebuild"
 
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(path): (path.stat().st_mtime_ns, path.stat().st_size) for path in folder.rglob("*")}
 
 
-def test_wheel_installed_read_only_patches_from_its_shipped_entry_and_writes_nothing(tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, ROOT], check=True)
-    (wheel,) = wheels.glob("rewriter-*.whl")
+def test_wheel_builds_quietly_fits_1_mib_and_read_only_patches_from_its_shipped_entry_writing_nothing(tmp_path):
+    wheel, printed = build_wheel(tmp_path / "wheels")
+    assert "warning" not in printed.lower(), printed
+    assert wheel.stat().st_size <= 1024 * 1024, f"the wheel is {wheel.stat().st_size:,} bytes, over 1 MiB"
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     python = venv / "bin" / "python"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rewriter.api import shipped_cache
-from rewriter.cache import MANIFEST, manifest_digest, sha256
+from rewriter.cache import apply_diff, manifest_digest, sha256
+from rewriter.families import get_family, installed_transformers
 from tests.conftest import run_python
 
 
@@ -85,16 +86,17 @@ def test_cache_info_verify_and_clear(cache_dir):
     code, out, err = rewriter_cli("cache", "info", cache_dir=cache_dir)
     assert code == 0, err
     assert "installed transformers: 5.5.0" in out and str(cache_dir) in out
-    (entry,) = [path for path in cache_dir.iterdir() if len(path.name) == 64]
+    (entry,) = cache_dir.glob("*.json")
     code, out, _ = rewriter_cli("cache", "verify", cache_dir=cache_dir)
     entries = len(shipped_cache().keys()) + 1  # the shipped ones and this one
     assert code == 0 and f"{entries} of {entries} entries check" in out
-    (entry / "transformers" / "cache_utils.py").write_text("# planted\n")
+    diff = cache_dir / f"{json.loads(entry.read_text())['diffs']['cache_utils.py']}.diff"
+    diff.write_text("# planted\n")
     code, out, _ = rewriter_cli("cache", "verify", cache_dir=cache_dir)
-    assert code == 1 and f"bad user entry {entry}: cache_utils.py does not match its sha256" in out
+    assert code == 1 and f"bad user entry {entry}: the diff of cache_utils.py does not match its sha256" in out
     code, out, _ = rewriter_cli("cache", "clear", cache_dir=cache_dir)
     assert code == 0 and f"removed 1 entries from {cache_dir}" in out
-    assert not entry.exists()
+    assert [path.name for path in cache_dir.iterdir()] == []
 
 
 def source_tree_that_does_not_parse(folder: Path) -> Path:
@@ -141,13 +143,15 @@ def test_empty_source_dir_is_refused(command, cache_dir):
 
 def test_prebuild_of_a_release_that_does_not_exist_is_a_one_line_error(tmp_path, cache_dir):
     env = {"REWRITER_WHEEL_DIR": str(tmp_path / "wheels")}
-    code, out, err = rewriter_cli("prebuild", "9.9.9", "--out", str(tmp_path / "out"), cache_dir=cache_dir, env=env)
+    code, out, err = rewriter_cli("prebuild", "5.99.0", "--out", str(tmp_path / "out"), cache_dir=cache_dir, env=env)
     assert code == 5
     assert out.strip() == (
-        "error: cannot download the transformers 9.9.9 wheel: "
-        "ERROR: No matching distribution found for transformers==9.9.9"
+        "error: cannot download the transformers 5.99.0 wheel: "
+        "ERROR: No matching distribution found for transformers==5.99.0"
     )
     assert "Traceback" not in out + err
+    code, out, err = rewriter_cli("prebuild", "9.9.9", "--out", str(tmp_path / "out"), cache_dir=cache_dir, env=env)
+    assert code == 2 and out.startswith("error: no family supports transformers 9.9.9 (gemma3 >=4.53,<6, ")
 
 
 def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
@@ -155,13 +159,16 @@ def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
     rebuild (``--deep``) tells apart."""
     env = {"REWRITER_NO_SHIPPED": "1"}
     assert rewriter_cli("compile", "gemma4", cache_dir=cache_dir, env=env)[0] == 0
-    (entry,) = [path for path in cache_dir.iterdir() if len(path.name) == 64]
-    patched = entry / "transformers" / "cache_utils.py"
-    patched.write_text(patched.read_text() + "# edited\n")
-    manifest = json.loads((entry / MANIFEST).read_text())
-    manifest["files"]["cache_utils.py"] = sha256(patched.read_text())
+    (entry,) = cache_dir.glob("*.json")
+    manifest = json.loads(entry.read_text())
+    diff = (cache_dir / f"{manifest['diffs']['cache_utils.py']}.diff").read_text()
+    diff = re.sub(r"^(\+.*config\.num_kv_shared_layers\])$", r"\1  # edited", diff, flags=re.MULTILINE)
+    (cache_dir / f"{sha256(diff)}.diff").write_text(diff)
+    source = (installed_transformers(get_family("gemma4"))[1] / "cache_utils.py").read_text()
+    manifest["diffs"]["cache_utils.py"] = sha256(diff)
+    manifest["files"]["cache_utils.py"] = sha256(apply_diff(source, diff))
     manifest["digest"] = manifest_digest(manifest)
-    (entry / MANIFEST).write_text(json.dumps(manifest))
+    entry.write_text(json.dumps(manifest))
     code, out, err = rewriter_cli("compile", "gemma4", "--json", cache_dir=cache_dir, env=env)
     assert code == 0 and json.loads(out)["source"] == "user_cache", err
     assert rewriter_cli("cache", "verify", cache_dir=cache_dir)[0] == 0
@@ -172,9 +179,10 @@ def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
     assert "5 rebuilt from the installed transformers" in out
 
 
-@pytest.mark.parametrize("version, shipped", [("5.13.1", True), ("5.9.0", False)])
+@pytest.mark.parametrize("version, shipped", [("5.13.1", True), ("5.10.0", False)])
 def test_cache_info_names_each_family_entry_of_a_source_tree(version, shipped, cache_dir, tmp_path):
-    """gemma4 ships an entry for 5.13.1, not for 5.9.0; the tree holds only gemma4's files, so only gemma4 is named."""
+    """gemma4 ships an entry for 5.13.1, not for the yanked 5.10.0; the tree holds only gemma4's files, so only
+    gemma4 is named."""
     import zipfile
 
     from rewriter.families import FAMILIES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import linecache
 import logging
 import traceback
 from pathlib import Path
@@ -40,10 +41,9 @@ def test_classes_and_functions_keep_their_identity(cache_dir):
     assert "shared_kv_states" in inspect.signature(model.model.layers[0].self_attn.forward).parameters
 
 
-def test_source_and_tracebacks_point_into_the_patched_file(patched):
-    entry = Path(patched.cache_path)
-    source_file = Path(inspect.getsourcefile(Attention.forward))
-    assert source_file == entry / "transformers" / "models" / "gemma4" / "modeling_gemma4.py"
+def test_source_and_tracebacks_show_the_patched_lines(patched):
+    source_file = inspect.getsourcefile(Attention.forward)
+    assert source_file == f"<rewriter {patched.key[:12]} transformers/{MODELING}>"
     assert "shared_kv_states[self.kv_shared_layer_index]" in inspect.getsource(Attention.forward)
     model = tiny.causal_lm(2)
     shared = model.model.layers[5].self_attn
@@ -51,16 +51,23 @@ def test_source_and_tracebacks_point_into_the_patched_file(patched):
     with pytest.raises(TypeError) as error:
         shared(hidden, position_embeddings=(torch.ones(1, 3, 32), torch.zeros(1, 3, 32)), attention_mask=None)
     frame = traceback.extract_tb(error.value.__traceback__)[-1]
-    assert Path(frame.filename) == source_file
+    assert frame.filename == source_file
     assert frame.line == "key_states, value_states = shared_kv_states[self.kv_shared_layer_index]"
-    assert source_file.read_text().splitlines()[frame.lineno - 1].strip() == frame.line
+    assert rewriter.patched_source("gemma4", MODELING).splitlines()[frame.lineno - 1].strip() == frame.line
+
+
+def test_a_cleared_linecache_shows_no_source_rather_than_upstream_lines(patched):
+    """The patched text lives in ``linecache``; once cleared, the angle-bracketed name keeps ``linecache`` from
+    reading the upstream file (whose lines would not match) in its place."""
+    linecache.clearcache()
+    with pytest.raises(OSError):
+        inspect.getsource(Attention.forward)
 
 
 def test_classes_a_rule_adds_or_changes_show_their_patched_source(patched):
     """``inspect`` finds a class through its module's file: while patched, that is the patched copy of the module."""
-    patched_file = str(Path(patched.cache_path) / "transformers" / MODELING)
     added = modeling_gemma4.Gemma4DequantizingLinear
-    assert inspect.getsourcefile(added) == patched_file
+    assert Path(inspect.getsourcefile(added)).read_text() == rewriter.patched_source("gemma4", MODELING)
     assert inspect.getsource(added).startswith("class Gemma4DequantizingLinear(nn.Linear):")
     assert "self.input_proj = Gemma4DequantizingLinear(" in inspect.getsource(modeling_gemma4.Gemma4VisionPatchEmbedder)
     assert "shared_kv_states[self.kv_shared_layer_index]" in inspect.getsource(Attention)
@@ -156,9 +163,9 @@ rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
 print("transformers.trainer" in sys.modules, rewriter.compiled("trainer"))
 from transformers import Trainer
 print(rewriter.compiled("trainer").outcome("accumulation-double-division").status)
-print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith({str(cache_dir)!r}))
+print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith("<rewriter "))
 rewriter.restore("trainer")
-print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith({str(cache_dir)!r}))
+print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith("<rewriter "))
 """
     result = run_python(code, env={"REWRITER_NO_SHIPPED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
