@@ -25,12 +25,13 @@ from rewriter.report import RuleOutcome
 
 
 class Rule(cst.CSTTransformer):
-    """One bug fix. A fresh instance visits one module once; which files a rule visits is the families' business
+    """One bug fix. A fresh instance visits one file once; which files a rule visits is the families' business
     (``rewriter.families``), so one rule serves every file that has its bug.
 
     Subclasses name the bug (``id``), text that every buggy file contains (``marker``: ``scan`` parses
-    no other file), the top-level definitions they read (``scope``, a matcher: the rest of the file is not visited,
-    which keeps a cold compile cheap) and the buggy shape they look for (``expected``, quoted in drift messages).
+    no other file), the top-level definitions they read (``scope``, a matcher of a definition's kind and name only:
+    ``rewrite`` parses no other part of the file, which keeps a cold compile cheap) and the buggy shape they look for
+    (``expected``, quoted in drift messages).
     While visiting they call ``rewrote()`` for each buggy place they fix, ``found_fixed()`` when they see the shape
     upstream already fixed, and ``drift(why)`` when a shape is only half recognised. ``check()`` runs after the visit.
     Their methods may use LibCST's ``m.visit``, ``m.leave``, ``m.call_if_inside`` and ``m.call_if_not_inside`` with
@@ -74,22 +75,30 @@ class Rule(cst.CSTTransformer):
 
     def apply(self, module: cst.Module, file: str = "") -> tuple[cst.Module, RuleOutcome]:
         """Rewrite ``module`` (the transformers ``file``); on anything but ``applied`` it comes back unchanged."""
+        fixed = self.fix(module)
+        outcome = self.outcome(file)
+        return (fixed if outcome.status == "applied" else module), outcome
+
+    def fix(self, module: cst.Module) -> cst.Module:
+        """Visit the statements of ``module`` in scope, a whole file or one of the parts the engine parses of it;
+        ``outcome`` tells, after the last part, whether the fixes stand."""
         self.module = module
         body: list[cst.BaseStatement] = []
         for statement in module.body:
             visited = statement.visit(self) if m.matches(statement, self.scope) else statement
             body.extend(visited.nodes if isinstance(visited, cst.FlattenSentinel) else [visited])
-        updated = module.with_changes(body=body)
+        return module.with_changes(body=body)
+
+    def outcome(self, file: str) -> RuleOutcome:
+        """What the visits found in ``file``, once ``check`` has run."""
         self.check()
         if self.problems:
-            outcome = RuleOutcome(self.id, "drift", 0, file, f"expected {self.expected}; " + "; ".join(self.problems))
-        elif self.sites:
-            return updated, RuleOutcome(self.id, "applied", self.sites, file)
-        elif self.has_fixed_shape:
-            outcome = RuleOutcome(self.id, "not_needed", 0, file, "the release already has the fixed shape")
-        else:
-            outcome = RuleOutcome(self.id, "drift", 0, file, f"expected {self.expected}; found neither it nor the fixed shape")
-        return module, outcome
+            return RuleOutcome(self.id, "drift", 0, file, f"expected {self.expected}; " + "; ".join(self.problems))
+        if self.sites:
+            return RuleOutcome(self.id, "applied", self.sites, file)
+        if self.has_fixed_shape:
+            return RuleOutcome(self.id, "not_needed", 0, file, "the release already has the fixed shape")
+        return RuleOutcome(self.id, "drift", 0, file, f"expected {self.expected}; found neither it nor the fixed shape")
 
     def on_visit(self, node: cst.CSTNode) -> bool:
         hooks = _hooks(type(self), type(node))
