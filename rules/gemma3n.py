@@ -274,7 +274,7 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
     @m.call_if_inside(IN_ATTENTION)
     @m.leave(STORE_SHARED_IN_CACHE | UPDATE_CACHE)
-    def store_in_shared_kv_states(self, original_node: cst.If, updated_node: cst.If):  # a FlattenSentinel (unchecked)
+    def store_in_shared_kv_states(self, original_node: cst.If, updated_node: cst.If) -> cst.FlattenSentinel:
         """``if cache is not None and not self.is_kv_shared_layer:`` the update, then the store, cache or not."""
         self.parts["store"] += 1
         *before, last = updated_node.body.body

@@ -317,7 +317,7 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
     @m.call_if_inside(IN_ATTENTION)
     @m.leave(STORE_SHARED_IN_CACHE)
-    def store_in_shared_kv_states(self, original_node: cst.If, updated_node: cst.If):  # a FlattenSentinel (LibCST cannot check that annotation)
+    def store_in_shared_kv_states(self, original_node: cst.If, updated_node: cst.If) -> cst.FlattenSentinel:
         self.parts["store"] += 1
         update = self.module.code_for_node(updated_node.body.body[0].body.body[0]).strip()
         code = STORE_SHARED_TEMPLATE.format(update=update)
@@ -445,7 +445,7 @@ class InputProjDequantRule(Rule):
     @m.leave(IN_PATCH_EMBEDDER)
     def define_dequantizing_linear(
         self, original_node: cst.ClassDef, updated_node: cst.ClassDef
-    ):  # a ClassDef or a FlattenSentinel (LibCST cannot check that annotation)
+    ) -> cst.ClassDef | cst.FlattenSentinel:
         if not self.parts["constructor"]:
             return updated_node
         definition = cst.parse_statement(DEQUANTIZING_LINEAR_CLASS.lstrip()).with_changes(

@@ -76,7 +76,7 @@ class SharedKVStatesRule(Rule):
 
     @m.call_if_inside(IN_TEXT_MODEL)
     @m.leave(DECODER_LAYER_LOOP)
-    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For):  # a FlattenSentinel (unchecked)
+    def make_shared_kv_states(self, original_node: cst.For, updated_node: cst.For) -> cst.For | cst.FlattenSentinel:
         if not self.parts["argument"]:
             return updated_node
         self.parts["state"] += 1
