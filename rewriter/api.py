@@ -226,7 +226,8 @@ def key_components(spec: Family, sources: dict[str, str]) -> dict:
 
 
 def shipped_cache() -> CacheDir:
-    return CacheDir(Path(importlib.util.find_spec("rewriter.compiled_cache").origin).parent, shipped=True)
+    # resolved: in a source checkout the package is a symlink to the top-level compiled_cache/
+    return CacheDir(Path(importlib.util.find_spec("rewriter.compiled_cache").origin).resolve().parent, shipped=True)
 
 
 def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
