@@ -196,3 +196,25 @@ def test_cache_info_names_each_family_entry_of_a_source_tree(version, shipped, c
     assert code == 0, err
     (entry,) = json.loads(out)
     assert (entry["family"], entry["shipped"], entry["user"], len(entry["key"])) == ("gemma4", shipped, False, 64)
+
+
+def test_diff_prints_the_shipped_entry_of_a_release_as_stored(tmp_path, cache_dir):
+    """What exactly does rewriter change in 5.13.1? The diffs its shipped entry holds, read without LibCST."""
+    import zipfile
+
+    from rewriter.api import key_components
+    from rewriter.cache import entry_key
+    from rewriter.families import FAMILIES, read_sources
+    from rewriter.releases import fetch_wheel
+
+    with zipfile.ZipFile(fetch_wheel("5.13.1")) as wheel:
+        for target in FAMILIES["gemma4"].targets:
+            wheel.extract(f"transformers/{target}", tmp_path)
+    sources = read_sources(FAMILIES["gemma4"], tmp_path / "transformers")
+    manifest = json.loads(shipped_cache().manifest(entry_key(key_components(FAMILIES["gemma4"], sources))).read_text())
+    stored = "".join((shipped_cache().root / f"{name}.diff").read_text() for name in manifest["diffs"].values())
+    code = "import sys\nfrom rewriter.cli import main\nexit_code = main(sys.argv[1:])\n"
+    code += "assert 'libcst' not in sys.modules, 'libcst was imported'\nsys.exit(exit_code)"
+    result = run_python(code, "diff", "gemma4", "--source-dir", str(tmp_path / "transformers"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == stored and "+class Gemma4DequantizingLinear(nn.Linear):" in stored
