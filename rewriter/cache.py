@@ -133,10 +133,7 @@ class CacheDir:
         and diffs only, and no texts); ``OSError`` or ``ValueError`` says why not."""
         if not self.shipped:
             check_trusted(self.root)
-        try:
-            manifest = json.loads(self._read(self.manifest(key)))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"the manifest is not JSON: {error}") from None
+        manifest = self._read_manifest(key)
         files, outcomes, patches, diff_names = _checked_manifest(manifest, key)
         diffs = {}
         for target, name in diff_names.items():
@@ -155,6 +152,13 @@ class CacheDir:
             for target, patch in patches.items():
                 patch.check(texts[target])
         return Entry(self.manifest(key), texts, outcomes, patches, diffs)
+
+    def _read_manifest(self, key: str) -> dict:
+        """The manifest of ``key`` as JSON, unchecked; ``ValueError`` when it is not JSON."""
+        try:
+            return json.loads(self._read(self.manifest(key)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"the manifest is not JSON: {error}") from None
 
     def load(self, key: str, sources: dict[str, str]) -> Entry | None:
         """The entry ``key`` for ``sources``, or ``None`` on a miss; a bad entry is a logged miss."""
@@ -284,7 +288,8 @@ class CacheDir:
         used = set()
         for key in self.keys():
             with contextlib.suppress(OSError, ValueError):
-                used.update(_checked_manifest(json.loads(self._read(self.manifest(key))), key)[3].values())
+                *_, diff_names = _checked_manifest(self._read_manifest(key), key)
+                used.update(diff_names.values())
         unused = set(self._names(".diff")) - used
         for name in unused:
             (self.root / f"{name}.diff").unlink()
