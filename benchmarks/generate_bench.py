@@ -10,8 +10,9 @@ KV-cache bytes of bug 1, and start-up, in one run.
 - per mode and batch size: the first ``generate`` (compilation included) in wall seconds and in CPU seconds of the
   process and its compiler subprocesses; then prefill and decode tokens/s, median and spread of the repeats, the
   modes taking turns within each repeat (installed again with their graphs kept) so that load from other jobs
-  falls on all of them alike: prefill = tokens / time of a one-token generate; decode = new tokens / (time of an
-  n+1-token generate minus it);
+  falls on all of them alike: prefill = tokens / time of a one-token generate (the median of ``--prefill-runs``
+  of them per repeat: a tiny prefill takes milliseconds, which one scheduling hiccup doubles); decode = new
+  tokens / (time of an n+1-token generate minus that);
 - the decode roofline: bytes a decode step must read (every weight but the per-layer embedding table, which is
   looked up, plus the K/V each layer attends to at the last position) over the memory bandwidth measured here
   (a large tensor copy), and each decode figure as a share of it;
@@ -109,7 +110,7 @@ def measure_modes(model, device: str, args) -> dict:
             if compiled is not None:
                 compiled.install()
             for batch, ids in inputs.items():
-                one = timed(device, generator(model, ids, 1))
+                one = statistics.median(timed(device, generator(model, ids, 1)) for _ in range(args.prefill_runs))
                 whole = timed(device, generator(model, ids, args.new_tokens + 1))
                 samples[mode][batch][0].append(batch * args.prompt / one)
                 samples[mode][batch][1].append(batch * args.new_tokens / max(whole - one, 1e-9))
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefill-runs", type=int, default=5, help="one-token generates per repeat (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--kv-lengths", type=lambda text: [int(n) for n in text.split(",")], default=[1024, 4096, 16384])
     parser.add_argument("--startup-runs", type=int, default=3)

@@ -53,6 +53,18 @@ class Variant:
         return len(_debug_get_cache_entry_list(self.code))
 
 
+def compile_copy(eager: FunctionType, why: dict[str, str], **options) -> Variant:
+    """``torch.compile`` of a copy of ``eager`` whose code object is its own: its own dynamo cache and recompile
+    limit, and its own name (``forward[layer full_attention own 4]``), as dynamo shares what it learnt about sizes
+    between code objects of one name: a variant compiled after another with other sizes (a batch of 4 after a
+    batch of 1, a full layer's head size after a sliding one's) would get a first graph dynamic in those sizes,
+    with slower kernels, where a static one was asked for."""
+    code = eager.__code__.replace(co_name=f"{eager.__name__}[{' '.join(why.values())}]")
+    copy = FunctionType(code, eager.__globals__, eager.__name__, eager.__defaults__, eager.__closure__)
+    copy.__kwdefaults__ = eager.__kwdefaults__
+    return Variant(why, torch.compile(copy, **options), code)
+
+
 @dataclass
 class CompiledAttention:
     """Gemma4TextAttention.forward, dispatching each call to the compiled copy of its variant."""
@@ -109,10 +121,7 @@ class CompiledAttention:
             "phase": "decode" if hidden_states.shape[1] == 1 else "prefill",
             "mode": "train" if module.training else "eval",
         }
-        code = self.eager.__code__.replace()  # a code object of its own: its own dynamo cache and recompile limit
-        copy = FunctionType(code, self.eager.__globals__, self.eager.__name__, self.eager.__defaults__)
-        copy.__kwdefaults__ = self.eager.__kwdefaults__
-        self.variants[key] = Variant(why, torch.compile(copy), code)
+        self.variants[key] = compile_copy(self.eager, why)
         return self.variants[key]
 
 

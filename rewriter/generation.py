@@ -4,13 +4,21 @@ Compiling attention alone pays dynamo's call and guard overhead at every layer a
 step on a ``StaticCache`` (fixed shapes) runs one of two units, each a copy of the code object with a recompile
 budget of its own, compiled with ``fullgraph=True`` (no graph breaks):
 
-- ``"forward"``: the text model's whole forward, one graph per batch size: masks, rotary, every layer and the
-  final norm fused, one guard check per token. The fastest; compile time grows with the number of layers.
+- ``"forward"``: the whole forward that ``generate`` calls (``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration``),
+  one graph per model class and batch size: masks, rotary, every layer, the final norm, the LM head and its
+  softcap fused, one guard check per token. The fastest; compile time grows with the number of layers.
 - ``"layers"`` (regional compilation): the whole decoder layer, one graph per *variant*, shared by every layer of
   its kind (sliding, full) and role in KV sharing (own K/V, stores shared K/V, reads shared K/V). A layer reaches
   the cache through a one-layer view, so its graph does not depend on its index: an E2B-shaped model (35 layers)
   compiles 6 graphs per batch size, not 35. Compile time stays flat with depth; the guard check on every layer
   call costs part of the gain.
+
+At these widths a decode step spends more time around its kernels than in them, so inductor is told to drop what
+only adds work per call: ``size_asserts`` (dynamo's guards already check every input's sizes and strides) and, for
+``"layers"``, the Python wrapper (``cpp_wrapper``: the graph calls its kernels from C++, not from generated
+Python). The whole forward keeps the Python wrapper: a C++ wrapper is one translation unit that g++ builds on one
+core, and for a whole E2B-shaped forward that took the first ``generate`` from 42 s to 110 s (for 4.1x eager
+instead of 3.4x), past what a user waits at start-up; a layer's graph is small and builds in seconds.
 
 Prefill, training and other caches run eager. ``generate`` on the model classes defaults to
 ``cache_implementation="static"`` (and leaves transformers' own auto-compile off) unless the caller chose a cache.
@@ -26,27 +34,28 @@ from types import FunctionType
 
 import torch
 
-from rewriter.attention import Variant, why_compile_cannot_run
+from rewriter.attention import Variant, compile_copy, why_compile_cannot_run
 
 logger = logging.getLogger("rewriter")
 
 UNITS = ("forward", "layers")
 SLIDING_LENGTH = r".*\.cumulative_length_int$"
+INDUCTOR_OPTIONS = {  # see the module docstring
+    "forward": {"size_asserts": False},
+    "layers": {"size_asserts": False, "cpp_wrapper": True},
+}
 
 
 @dataclass(frozen=True)
 class DecodingClasses:
     """The classes compiled decoding touches in a family's modeling module."""
 
-    model: str  # the text model: its forward is the "forward" unit
     layer: str  # the decoder layer: its forward is the "layers" unit
-    generators: tuple[str, ...]  # the classes whose ``generate`` defaults to a static cache
+    generators: tuple[str, ...]  # the classes ``generate`` runs on: their forward is the "forward" unit
 
 
 CLASSES = {
-    "gemma4": DecodingClasses(
-        "Gemma4TextModel", "Gemma4TextDecoderLayer", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
-    )
+    "gemma4": DecodingClasses("Gemma4TextDecoderLayer", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"))
 }
 
 
@@ -62,11 +71,10 @@ class LayerCache:
 
 @dataclass
 class CompiledDecoding:
-    """``owner.forward`` dispatching decode steps on a ``StaticCache`` to the compiled copy of their variant."""
+    """Each owner's ``forward`` dispatching decode steps on a ``StaticCache`` to the compiled copy of their variant."""
 
     unit: str
-    owner: type
-    eager: FunctionType
+    eager: dict[type, FunctionType]  # owner class -> its own forward
     generators: tuple[type, ...]
     variants: dict[tuple, Variant] = field(default_factory=dict)
     failure: str | None = None
@@ -81,10 +89,12 @@ class CompiledDecoding:
         torch.compiler.config.dynamic_sources = ",".join(filter(None, (self.dynamic_sources, SLIDING_LENGTH)))
         if self.unit == "layers":
             torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer indices vary without new graphs
-        self.owner.forward = self._dispatcher()
+        for owner, eager in self.eager.items():
+            owner.forward = self._dispatcher(eager)
 
     def uninstall(self) -> None:
-        self.owner.forward = self.eager
+        for owner, eager in self.eager.items():
+            owner.forward = eager
         torch._dynamo.config.allow_unspec_int_on_nn_module = self.unspec_ints
         torch.compiler.config.dynamic_sources = self.dynamic_sources
         for owner, generate in self.generates.items():
@@ -97,10 +107,10 @@ class CompiledDecoding:
         """Each compiled variant, why it exists, and how many graphs dynamo holds for it."""
         return [{**variant.why, "graphs": variant.graphs} for variant in self.variants.values()]
 
-    def _dispatcher(self):
+    def _dispatcher(self, eager: FunctionType):
         from transformers import StaticCache
 
-        compiled, eager, layers = self, self.eager, self.unit == "layers"
+        compiled, layers = self, self.unit == "layers"
 
         @functools.wraps(eager)
         def forward(module, *args, **kwargs):
@@ -113,13 +123,13 @@ class CompiledDecoding:
                 return eager(module, *args, **kwargs)
             if layers:
                 attention = module.self_attn
-                key = (attention.layer_type, attention.is_kv_shared_layer, attention.store_full_length_kv)
+                key = (attention.layer_type, attention.is_kv_shared_layer, attention.store_full_length_kv, len(tokens))
                 # KV-shared layers read shared K/V and never touch the cache (it has no layers for them)
                 view = None if attention.is_kv_shared_layer else LayerCache(cache.layers[module.layer_idx])
                 call = {**kwargs, "past_key_values": view}
             else:
-                key, call = (tokens.shape[0],), kwargs
-            variant = compiled.variants.get(key) or compiled._add_variant(key, module, tokens)
+                key, call = (type(module), len(tokens)), kwargs
+            variant = compiled.variants.get(key) or compiled._add_variant(key, module, tokens, eager)
             try:
                 return variant.function(module, *args, **call)
             except torch._dynamo.exc.TorchDynamoException as error:  # a compiler failure, never a model error
@@ -129,18 +139,15 @@ class CompiledDecoding:
 
         return forward
 
-    def _add_variant(self, key: tuple, module, tokens: torch.Tensor) -> Variant:
+    def _add_variant(self, key: tuple, module, tokens: torch.Tensor, eager: FunctionType) -> Variant:
         if self.unit == "layers":
             attention = module.self_attn
-            kv = "stores shared" if attention.store_full_length_kv else "own"
-            why = {"unit": "layer", "layer": attention.layer_type, "kv": "shared" if attention.is_kv_shared_layer else kv}
+            role = "stores shared" if attention.store_full_length_kv else "own"
+            kv = "shared" if attention.is_kv_shared_layer else role
+            why = {"unit": "layer", "layer": attention.layer_type, "kv": kv, "batch": str(len(tokens))}
         else:
-            why = {"unit": "forward", "batch": str(tokens.shape[0])}
-        code = self.eager.__code__.replace()  # a code object of its own: its own dynamo cache and recompile limit
-        eager = self.eager
-        copy = FunctionType(code, eager.__globals__, eager.__name__, eager.__defaults__, eager.__closure__)
-        copy.__kwdefaults__ = eager.__kwdefaults__
-        self.variants[key] = Variant(why, torch.compile(copy, fullgraph=True), code)
+            why = {"unit": "forward", "model": type(module).__name__, "batch": str(len(tokens))}
+        self.variants[key] = compile_copy(eager, why, fullgraph=True, options=INDUCTOR_OPTIONS[self.unit])
         return self.variants[key]
 
 
@@ -163,8 +170,8 @@ def compile_decoding(family: str, module_name: str, unit: str) -> tuple[Compiled
         logger.warning("rewriter: decoding stays eager: %s", reason)
         return None, f"eager ({reason})"
     module, names = importlib.import_module(module_name), CLASSES[family]
-    owner = getattr(module, names.model if unit == "forward" else names.layer)
     generators = tuple(getattr(module, name) for name in names.generators)
-    compiled = CompiledDecoding(unit, owner, owner.__dict__["forward"], generators)
+    owners = generators if unit == "forward" else (getattr(module, names.layer),)
+    compiled = CompiledDecoding(unit, {owner: owner.__dict__["forward"] for owner in owners}, generators)
     compiled.install()
     return compiled, f"compiled {unit}"
