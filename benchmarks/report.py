@@ -57,7 +57,7 @@ def generate_section(result: dict) -> list[str]:
         "",
         f"Machine: {result['machine']}; torch {result['torch']}, transformers {result['transformers']}; "
         f"{result['threads']} torch threads; 1-minute load average {load['before']:.1f} before, {load['after']:.1f} "
-        f"after (other jobs shared the cores). Command: `{result['command']}`. "
+        f"after (the benchmark itself keeps one core busy). Command: `{result['command']}`. "
         f"{result['recompile_limit_hits']} recompile-limit hits. Median tokens/s (min to max) of the repeats, "
         "warm-up excluded; ratios to eager in the same run.",
         "",
