@@ -65,6 +65,18 @@ def static_sizes_only() -> bool:
     )
 
 
+def test_longer_sessions_share_one_graph_dynamic_in_the_cache_length(cache_dir):
+    """A longer static cache compiles once more, dynamic in its length; every later length reuses that graph."""
+    model = tiny.causal_lm(2)
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="forward")
+    lengths = []
+    for new_tokens in (6, 40, 80, 120):
+        model.generate(tiny.input_ids(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        lengths.append(model._cache.max_cache_len)
+    assert lengths == sorted(set(lengths))  # four sessions, each on a longer cache than the last
+    assert [g["graphs"] for g in rewriter.decode_graphs("gemma4")] == [2]
+
+
 def test_the_multimodal_model_decodes_text_through_its_own_whole_forward_graph(cache_dir):
     """``Gemma4ForConditionalGeneration.forward`` (vision tower idle, language model, LM head) compiles whole."""
     from transformers import Gemma4ForConditionalGeneration
