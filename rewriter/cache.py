@@ -135,12 +135,7 @@ class CacheDir:
             check_trusted(self.root)
         manifest = self._read_manifest(key)
         files, outcomes, patches, diff_names = _checked_manifest(manifest, key)
-        diffs = {}
-        for target, name in diff_names.items():
-            data = self._read(self.root / f"{name}.diff")
-            if sha256(data) != name:
-                raise ValueError(f"the diff of {target} does not match its sha256 ({name}.diff)")
-            diffs[target] = data.decode()
+        diffs = {target: self._read_diff(target, name) for target, name in diff_names.items()}
         texts = {}
         if sources is not None:
             if {target: sha256(text) for target, text in sources.items()} != manifest["components"]["sources"]:
@@ -194,9 +189,11 @@ class CacheDir:
         try:
             make_dirs(self.root)
             check_trusted(self.root)
-            for diff in diffs.values():
-                if self._diff_problem(sha256(diff)) is not None:
-                    self._write(self.root / f"{sha256(diff)}.diff", diff)
+            for target, name in manifest["diffs"].items():
+                try:
+                    self._read_diff(target, name)  # another entry's, the same change: kept as it is
+                except (OSError, ValueError):
+                    self._write(self.root / f"{name}.diff", diffs[target])
             self._write(self.manifest(key), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         except UntrustedError:
             raise
@@ -204,13 +201,13 @@ class CacheDir:
             raise StoreError(_why_not_stored(self.root, error)) from error
         return Entry(self.manifest(key), dict(texts), tuple(outcomes), dict(patches), diffs)
 
-    def _diff_problem(self, name: str) -> str | None:
-        """Why the diff ``name`` cannot be used as it is (missing, untrusted, not matching its name), or ``None``."""
-        try:
-            data = self._read(self.root / f"{name}.diff")
-        except OSError as error:
-            return str(error)
-        return None if sha256(data) == name else "it does not match its sha256"
+    def _read_diff(self, target: str, name: str) -> str:
+        """The diff of ``target`` stored as ``name``; ``OSError`` when it cannot be read safely, ``ValueError``
+        unless its bytes hash to its name."""
+        data = self._read(self.root / f"{name}.diff")
+        if sha256(data) != name:
+            raise ValueError(f"the diff of {target} does not match its sha256 ({name}.diff)")
+        return data.decode()
 
     def _read(self, path: Path) -> bytes:
         """The bytes of ``path``, never through a symlink; in a user's cache only a file of the user's that no one

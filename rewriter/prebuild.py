@@ -42,14 +42,15 @@ def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str
     keys = set()
     for family, release in plan(releases):
         wheel = Path(release) if release.endswith(".whl") else fetch_wheel(release)
+        version = wheel_version(wheel)
         sources = wheel_sources(wheel, family.targets)
         components = key_components(family, sources)
         key = entry_key(components)
         keys.add(key)
         built = cache.verify(key, sources) is not None
         if built:
-            cache.store(key, sources, *build(family, sources), components, release=wheel_version(wheel))
-        yield family.name, wheel_version(wheel), key, built
+            cache.store(key, sources, *build(family, sources), components, release=version)
+        yield family.name, version, key, built
     if releases is None:
         for stale in set(cache.keys()) - keys:
             cache.remove(stale)
