@@ -1,7 +1,9 @@
 """Bug 2: KV-shared layers (E2B, E4B) recompute K/V locally when there is no cache: garbage logits.
 
 The oracle is transformers 5.24.0, which fixed the bug natively: ``fixtures/kv_sharing_reference.pt`` holds its
-weights, an input and its logits (``fixtures/make_kv_sharing_reference.py`` regenerates it).
+weights, an input and its logits (``fixtures/make_kv_sharing_reference.py`` regenerates it). Computed on one CPU,
+they hold elsewhere up to float32 rounding (another instruction set's kernels sum in another order); on the machine
+running the test, patched logits with and without a cache are the same to the last bit.
 """
 
 from __future__ import annotations
@@ -41,15 +43,14 @@ def test_reference_comes_from_a_release_with_the_native_fix():
 
 
 def test_unpatched_use_cache_false_differs_from_the_oracle(model):
-    assert torch.equal(logits(model, use_cache=True), REFERENCE["logits"])
+    torch.testing.assert_close(logits(model, use_cache=True), REFERENCE["logits"])
     assert (logits(model, use_cache=False) - REFERENCE["logits"]).abs().max() > 0.1
 
 
 def test_patched_logits_equal_the_oracle_with_and_without_cache(model, patched):
     cached, uncached = logits(model, use_cache=True), logits(model, use_cache=False)
-    assert (cached - uncached).abs().max().item() == 0.0
-    assert torch.equal(cached, REFERENCE["logits"])
-    assert torch.equal(uncached, REFERENCE["logits"])
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(cached, REFERENCE["logits"])
 
 
 def test_no_cache_is_returned_and_tuples_keep_their_shape(model, patched):

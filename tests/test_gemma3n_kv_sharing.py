@@ -4,6 +4,11 @@ The oracle is transformers 5.24.0, which fixed it natively: ``fixtures/gemma3n_k
 weights, an input, its logits and greedy tokens, and the loss and gradients of a gradient-checkpointed step
 (``fixtures/make_gemma3n_kv_sharing_reference.py`` regenerates it). The releases before 4.56.0 have another shape
 of the bug; ``tests/test_releases.py`` runs these behaviours on them end to end.
+
+The fixture was computed on one CPU; on another, MKL's float32 kernels for its instruction set (AVX2, AVX-512) sum
+in another order, so the oracle's figures hold up to float32 rounding (1.2e-6 in logits and 5.5e-6 in gradients
+between an AMD EPYC and an Intel Xeon), where the bug moves logits by 0.34. On the machine running the test,
+patched outputs with and without a cache are the same to the last bit.
 """
 
 from __future__ import annotations
@@ -53,16 +58,17 @@ def test_reference_comes_from_a_release_with_the_native_fix():
 
 
 def test_unpatched_use_cache_false_differs_from_the_oracle(model):
-    assert torch.equal(logits(model, use_cache=True), REFERENCE["logits"])
+    torch.testing.assert_close(logits(model, use_cache=True), REFERENCE["logits"])
     assert (logits(model, use_cache=False) - REFERENCE["logits"]).abs().max() > 0.1
 
 
 def test_patched_logits_equal_the_oracle_with_and_without_cache(model, patched):
     assert patched.outcome("kv-sharing-without-cache").status == "applied"
-    assert torch.equal(logits(model, use_cache=True), REFERENCE["logits"])
-    assert torch.equal(logits(model, use_cache=False), REFERENCE["logits"])
+    cached = logits(model, use_cache=True)
+    torch.testing.assert_close(cached, REFERENCE["logits"])
+    assert torch.equal(logits(model, use_cache=False), cached)
     model.train()
-    assert torch.equal(logits(model), REFERENCE["logits"])
+    assert torch.equal(logits(model), cached)
 
 
 def test_patched_generate_gives_the_oracle_tokens_with_dynamic_and_static_caches(model, patched):
@@ -93,10 +99,10 @@ def test_unpatched_gradient_checkpointing_trains_on_another_loss(model):
 
 def test_patched_gradient_checkpointing_gives_the_oracle_loss_and_gradients(model, patched):
     loss, grads = checkpointed_step(model)
-    assert loss == REFERENCE["loss"]
+    torch.testing.assert_close(loss, REFERENCE["loss"])
     assert grads.keys() == REFERENCE["grads"].keys()  # the unused K/V projections of shared layers get none
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, REFERENCE["grads"][name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grad, REFERENCE["grads"][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 # bitsandbytes on the CPU quantizes linears at least 64 wide whose outputs it can pack: keep the others in float.
