@@ -6,7 +6,9 @@ budget of its own, compiled with ``fullgraph=True`` (no graph breaks):
 
 - ``"forward"``: the whole forward that ``generate`` calls (``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration``),
   one graph per model class and batch size: masks, rotary, every layer, the final norm, the LM head and its
-  softcap fused, one guard check per token. The fastest; compile time grows with the number of layers.
+  softcap fused, one guard check per token. ``generate`` builds a static cache's 4D masks in Python before each
+  step; here it passes the 2D mask padded to the cache's length instead, and the graph builds the masks (tiny
+  shape: 1.53 ms a token instead of 2.55 ms). The fastest; compile time grows with the number of layers.
 - ``"layers"`` (regional compilation): the whole decoder layer, one graph per *variant*, shared by every layer of
   its kind (sliding, full) and role in KV sharing (own K/V, stores shared K/V, reads shared K/V). A layer reaches
   the cache through a one-layer view, so its graph does not depend on its index: an E2B-shaped model (35 layers)
@@ -40,6 +42,7 @@ logger = logging.getLogger("rewriter")
 
 UNITS = ("forward", "layers")
 SLIDING_LENGTH = r".*\.cumulative_length_int$"
+MASK_MAKER = "create_masks_for_generate"  # what ``generate`` calls on the model for a static cache's 4D masks
 INDUCTOR_OPTIONS = {  # see the module docstring
     "forward": {"size_asserts": False},
     "layers": {"size_asserts": False, "cpp_wrapper": True},
@@ -81,8 +84,11 @@ class CompiledDecoding:
 
     def install(self) -> None:
         self.generates = {owner: owner.__dict__.get("generate") for owner in self.generators}
+        self.mask_makers = {owner: owner.__dict__.get(MASK_MAKER) for owner in self.generators}
         for owner in self.generators:
             owner.generate = _static_cache_by_default(owner.generate)
+            if self.unit == "forward":
+                setattr(owner, MASK_MAKER, staticmethod(_masks_in_the_graph(getattr(owner, MASK_MAKER, None))))
         self.unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
         self.dynamic_sources = torch.compiler.config.dynamic_sources
         # a sliding cache layer counts its tokens in a Python int: symbolic from the first graph, not a recompile
@@ -97,11 +103,12 @@ class CompiledDecoding:
             owner.forward = eager
         torch._dynamo.config.allow_unspec_int_on_nn_module = self.unspec_ints
         torch.compiler.config.dynamic_sources = self.dynamic_sources
-        for owner, generate in self.generates.items():
-            if generate is None:
-                del owner.generate
-            else:
-                owner.generate = generate
+        for name, saved in (("generate", self.generates), (MASK_MAKER, self.mask_makers)):
+            for owner, own in saved.items():
+                if own is not None:
+                    setattr(owner, name, own)
+                elif name in owner.__dict__:
+                    delattr(owner, name)
 
     def graphs(self) -> list[dict]:
         """Each compiled variant, why it exists, and how many graphs dynamo holds for it."""
@@ -149,6 +156,25 @@ class CompiledDecoding:
             why = {"unit": "forward", "model": type(module).__name__, "batch": str(len(tokens))}
         self.variants[key] = compile_copy(eager, why, fullgraph=True, options=INDUCTOR_OPTIONS[self.unit])
         return self.variants[key]
+
+
+def _masks_in_the_graph(make_masks):
+    """``generate``'s mask maker, leaving a decode step's masks to the compiled forward: it gets the 2D mask padded
+    to the static cache's length (a fixed shape) and builds the 4D masks in its graph, not in Python per token."""
+    from transformers import StaticCache
+    from transformers.masking_utils import create_masks_for_generate
+
+    make_masks = make_masks or create_masks_for_generate
+
+    @functools.wraps(make_masks)
+    def masks(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs):
+        if type(past_key_values) is StaticCache and inputs_embeds.shape[1] == 1 and attention_mask is not None:
+            padding = past_key_values.max_cache_len - attention_mask.shape[-1]
+            if padding >= 0:
+                return torch.nn.functional.pad(attention_mask, (0, padding))
+        return make_masks(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs)
+
+    return masks
 
 
 def _static_cache_by_default(generate):

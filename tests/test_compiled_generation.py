@@ -18,10 +18,16 @@ from tests.conftest import run_python
 NEW_TOKENS = 6
 PREFIXES = ("forward[forward ", "forward[layer ")  # the code names of compiled decoding's variants
 BATCHES = (1, 4)
+SHORT = 5  # a prompt shorter than the window (8): the sliding cache fills during decoding
 
 
-def generate(model, batch: int):
-    return model.generate(tiny.input_ids(batch), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+def generate(model, batch: int, length: int = 12):
+    """Greedy tokens filling a static cache of one length (18) whatever the prompt's; at batch 4 every other row is
+    left-padded, so the padding mask reaches the compiled graphs."""
+    ids, new_tokens = tiny.input_ids(batch, length), NEW_TOKENS + 12 - length
+    mask = torch.ones_like(ids)
+    mask[1::2, :3] = 0
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
 @pytest.mark.parametrize("unit", ["layers", "forward"])
@@ -29,10 +35,12 @@ def test_generate_matches_eager_at_batch_1_and_4_with_bounded_graphs(cache_dir, 
     model = tiny.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir)
     eager = {batch: generate(model, batch) for batch in BATCHES}
+    eager_short = generate(model, 1, SHORT)
     torch._dynamo.utils.counters.clear()
     assert rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode=unit).decode == f"compiled {unit}"
     for batch in BATCHES:
         assert torch.equal(generate(model, batch), eager[batch]), batch
+    assert torch.equal(generate(model, 1, SHORT), eager_short)
     assert recompile_limit_hits() == 0
     graphs = rewriter.decode_graphs("gemma4")
     if unit == "layers":  # one graph set per layer kind, KV role and batch size, whatever the layer's index
@@ -105,6 +113,7 @@ def test_restore_and_recompiling_without_it_put_eager_decoding_back(cache_dir):
     layer, causal_lm = modeling_gemma4.Gemma4TextDecoderLayer, modeling_gemma4.Gemma4ForCausalLM
     eager_layer, eager_model = layer.__dict__["forward"], causal_lm.__dict__["forward"]
     unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
+    own_masks = modeling_gemma4.Gemma4ForConditionalGeneration.__dict__["create_masks_for_generate"]
 
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
     assert layer.__dict__["forward"] is not eager_layer and "generate" in modeling_gemma4.Gemma4ForCausalLM.__dict__
@@ -114,10 +123,12 @@ def test_restore_and_recompiling_without_it_put_eager_decoding_back(cache_dir):
     assert rewriter.compile("gemma4", cache_dir=cache_dir).decode == "eager"
     assert causal_lm.__dict__["forward"] is eager_model
     assert "generate" not in modeling_gemma4.Gemma4ForCausalLM.__dict__
+    assert "create_masks_for_generate" not in modeling_gemma4.Gemma4ForCausalLM.__dict__
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
     rewriter.restore("gemma4")
     assert layer.__dict__["forward"] is eager_layer
     assert "generate" not in modeling_gemma4.Gemma4ForConditionalGeneration.__dict__
+    assert modeling_gemma4.Gemma4ForConditionalGeneration.__dict__["create_masks_for_generate"] is own_masks
     assert torch._dynamo.config.allow_unspec_int_on_nn_module == unspec_ints
 
 
