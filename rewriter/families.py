@@ -30,10 +30,14 @@ class Family:
     attention: tuple[str, str] | None = None  # the file and class of the text attention ``compile_attention`` compiles
     requires: tuple[str, ...] = ()  # families patched, when the program imports their module, with this one
 
+    def supports(self, version: str) -> bool:
+        """Whether the rules know transformers ``version``: inside ``supported``."""
+        return Version(version) in SpecifierSet(self.supported)
+
     @property
     def releases(self) -> tuple[str, ...]:
         """The releases of ``rewriter.releases.RELEASES`` this family supports: checked and shipped, oldest first."""
-        return tuple(release for release in RELEASES if Version(release) in SpecifierSet(self.supported))
+        return tuple(release for release in RELEASES if self.supports(release))
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -138,7 +142,7 @@ def installed_transformers(family: Family) -> tuple[str, Path]:
         raise UnsupportedTransformersError(
             f"transformers is not installed; {family.name} needs transformers{family.supported}"
         )
-    if Version(version) not in SpecifierSet(family.supported):
+    if not family.supports(version):
         raise UnsupportedTransformersError(
             f"transformers {version} is installed; {family.name} supports transformers{family.supported}"
         )

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from packaging.specifiers import SpecifierSet
-
 from rewriter.api import build, key_components
 from rewriter.cache import CacheDir, Entry, entry_key
 from rewriter.families import FAMILIES, Family
@@ -20,10 +18,7 @@ def plan(releases: list[str] | None = None) -> list[tuple[Family, str]]:
         return [(family, release) for family in FAMILIES.values() for release in family.releases]
     versions = {release: wheel_version(Path(release)) if release.endswith(".whl") else release for release in releases}
     pairs = [
-        (family, release)
-        for family in FAMILIES.values()
-        for release in releases
-        if versions[release] in SpecifierSet(family.supported)
+        (family, release) for family in FAMILIES.values() for release in releases if family.supports(versions[release])
     ]
     if unsupported := sorted(set(releases) - {release for _, release in pairs}):
         ranges = ", ".join(f"{family.name} {family.supported}" for family in FAMILIES.values())
