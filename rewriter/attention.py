@@ -53,6 +53,11 @@ class Variant:
         return len(_debug_get_cache_entry_list(self.code))
 
 
+def kv_role(attention) -> str:
+    """A text attention's part in KV sharing: reads shared K/V, stores them for the layers that do, or its own."""
+    return "shared" if attention.is_kv_shared_layer else "stores shared" if attention.store_full_length_kv else "own"
+
+
 def compile_copy(eager: FunctionType, why: dict[str, str], **options) -> Variant:
     """``torch.compile`` of a copy of ``eager`` whose code object is its own: its own dynamo cache and recompile
     limit, and its own name (``forward[layer full_attention own 4]``), as dynamo shares what it learnt about sizes
@@ -116,7 +121,7 @@ class CompiledAttention:
     def _add_variant(self, key: tuple, module, hidden_states: torch.Tensor, cache) -> Variant:
         why = {
             "layer": module.layer_type,
-            "kv": "shared" if module.is_kv_shared_layer else "stores shared" if module.store_full_length_kv else "own",
+            "kv": kv_role(module),
             "cache": type(cache).__name__ if cache is not None else "none",
             "phase": "decode" if hidden_states.shape[1] == 1 else "prefill",
             "mode": "train" if module.training else "eval",

@@ -36,7 +36,7 @@ from types import FunctionType
 
 import torch
 
-from rewriter.attention import Variant, compile_copy, why_compile_cannot_run
+from rewriter.attention import Variant, compile_copy, kv_role, why_compile_cannot_run
 
 logger = logging.getLogger("rewriter")
 
@@ -83,32 +83,32 @@ class CompiledDecoding:
     failure: str | None = None
 
     def install(self) -> None:
-        self.generates = {owner: owner.__dict__.get("generate") for owner in self.generators}
-        self.mask_makers = {owner: owner.__dict__.get(MASK_MAKER) for owner in self.generators}
+        self.replaced = {}  # (class, attribute) -> the class's own value before, None where it inherited one
         for owner in self.generators:
-            owner.generate = _static_cache_by_default(owner.generate)
+            self._replace(owner, "generate", _static_cache_by_default(owner.generate))
             if self.unit == "forward":
-                setattr(owner, MASK_MAKER, staticmethod(_masks_in_the_graph(getattr(owner, MASK_MAKER, None))))
+                self._replace(owner, MASK_MAKER, staticmethod(_masks_in_the_graph(getattr(owner, MASK_MAKER, None))))
+        for owner, eager in self.eager.items():
+            self._replace(owner, "forward", self._dispatcher(eager))
         self.unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
         self.dynamic_sources = torch.compiler.config.dynamic_sources
         # a sliding cache layer counts its tokens in a Python int: symbolic from the first graph, not a recompile
         torch.compiler.config.dynamic_sources = ",".join(filter(None, (self.dynamic_sources, SLIDING_LENGTH)))
         if self.unit == "layers":
             torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer indices vary without new graphs
-        for owner, eager in self.eager.items():
-            owner.forward = self._dispatcher(eager)
 
     def uninstall(self) -> None:
-        for owner, eager in self.eager.items():
-            owner.forward = eager
+        for (owner, name), own in self.replaced.items():
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
         torch._dynamo.config.allow_unspec_int_on_nn_module = self.unspec_ints
         torch.compiler.config.dynamic_sources = self.dynamic_sources
-        for name, saved in (("generate", self.generates), (MASK_MAKER, self.mask_makers)):
-            for owner, own in saved.items():
-                if own is not None:
-                    setattr(owner, name, own)
-                elif name in owner.__dict__:
-                    delattr(owner, name)
+
+    def _replace(self, owner: type, name: str, value) -> None:
+        self.replaced[owner, name] = owner.__dict__.get(name)
+        setattr(owner, name, value)
 
     def graphs(self) -> list[dict]:
         """Each compiled variant, why it exists, and how many graphs dynamo holds for it."""
@@ -149,9 +149,7 @@ class CompiledDecoding:
     def _add_variant(self, key: tuple, module, tokens: torch.Tensor, eager: FunctionType) -> Variant:
         if self.unit == "layers":
             attention = module.self_attn
-            role = "stores shared" if attention.store_full_length_kv else "own"
-            kv = "shared" if attention.is_kv_shared_layer else role
-            why = {"unit": "layer", "layer": attention.layer_type, "kv": kv, "batch": str(len(tokens))}
+            why = {"unit": "layer", "layer": attention.layer_type, "kv": kv_role(attention), "batch": str(len(tokens))}
         else:
             why = {"unit": "forward", "model": type(module).__name__, "batch": str(len(tokens))}
         self.variants[key] = compile_copy(eager, why, fullgraph=True, options=INDUCTOR_OPTIONS[self.unit])
