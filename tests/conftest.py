@@ -6,12 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import rewriter
 from rewriter.families import FAMILIES
+from rewriter.releases import fetch_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +58,14 @@ def build_wheel(folder: Path) -> tuple[Path, str]:
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", folder, ROOT]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return next(Path(folder).glob("rewriter-*.whl")), result.stdout + result.stderr
+
+
+def release_tree(version: str, family: str, folder: Path) -> Path:
+    """A transformers package folder in ``folder`` holding ``family``'s files of release ``version``, from its wheel."""
+    with zipfile.ZipFile(fetch_wheel(version)) as wheel:
+        for target in FAMILIES[family].targets:
+            wheel.extract(f"transformers/{target}", folder)
+    return folder / "transformers"
 
 
 def mutated_transformers(folder: Path, monkeypatch, target: str, old: str, new: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from rewriter.api import shipped_cache
 from rewriter.cache import apply_diff, manifest_digest, sha256
 from rewriter.families import get_family, installed_transformers
-from tests.conftest import run_python
+from tests.conftest import release_tree, run_python
 
 
 def rewriter_cli(*args: str, cache_dir, env: dict | None = None) -> tuple[int, str, str]:
@@ -183,15 +183,7 @@ def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
 def test_cache_info_names_each_family_entry_of_a_source_tree(version, shipped, cache_dir, tmp_path):
     """gemma4 ships an entry for 5.13.1, not for the yanked 5.10.0; the tree holds only gemma4's files, so only
     gemma4 is named."""
-    import zipfile
-
-    from rewriter.families import FAMILIES
-    from rewriter.releases import fetch_wheel
-
-    with zipfile.ZipFile(fetch_wheel(version)) as wheel:
-        for target in FAMILIES["gemma4"].targets:
-            wheel.extract(f"transformers/{target}", tmp_path)
-    source_dir = str(tmp_path / "transformers")
+    source_dir = str(release_tree(version, "gemma4", tmp_path))
     code, out, err = rewriter_cli("cache", "info", "--source-dir", source_dir, "--json", cache_dir=cache_dir)
     assert code == 0, err
     (entry,) = json.loads(out)
@@ -200,21 +192,16 @@ def test_cache_info_names_each_family_entry_of_a_source_tree(version, shipped, c
 
 def test_diff_prints_the_shipped_entry_of_a_release_as_stored(tmp_path, cache_dir):
     """What exactly does rewriter change in 5.13.1? The diffs its shipped entry holds, read without LibCST."""
-    import zipfile
-
     from rewriter.api import key_components
     from rewriter.cache import entry_key
     from rewriter.families import FAMILIES, read_sources
-    from rewriter.releases import fetch_wheel
 
-    with zipfile.ZipFile(fetch_wheel("5.13.1")) as wheel:
-        for target in FAMILIES["gemma4"].targets:
-            wheel.extract(f"transformers/{target}", tmp_path)
-    sources = read_sources(FAMILIES["gemma4"], tmp_path / "transformers")
+    package = release_tree("5.13.1", "gemma4", tmp_path)
+    sources = read_sources(FAMILIES["gemma4"], package)
     manifest = json.loads(shipped_cache().manifest(entry_key(key_components(FAMILIES["gemma4"], sources))).read_text())
     stored = "".join((shipped_cache().root / f"{name}.diff").read_text() for name in manifest["diffs"].values())
     code = "import sys\nfrom rewriter.cli import main\nexit_code = main(sys.argv[1:])\n"
     code += "assert 'libcst' not in sys.modules, 'libcst was imported'\nsys.exit(exit_code)"
-    result = run_python(code, "diff", "gemma4", "--source-dir", str(tmp_path / "transformers"))
+    result = run_python(code, "diff", "gemma4", "--source-dir", str(package))
     assert result.returncode == 0, result.stderr
     assert result.stdout == stored and "+class Gemma4DequantizingLinear(nn.Linear):" in stored

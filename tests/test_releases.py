@@ -24,7 +24,7 @@ from rewriter import api
 from rewriter.cache import entry_key
 from rewriter.families import FAMILIES
 from rewriter.releases import fetch_wheel, wheel_sources
-from tests.conftest import ROOT, build_wheel, run_python
+from tests.conftest import ROOT, build_wheel, release_tree, run_python
 
 APPLIED, NOT_NEEDED = "applied", "not_needed"
 
@@ -107,10 +107,7 @@ def test_every_release_has_a_shipped_entry_with_the_verdicts_of_the_bugs_tables(
 
 
 def test_report_reads_a_source_tree_without_importing_it(tmp_path):
-    with zipfile.ZipFile(fetch_wheel("5.13.1")) as wheel:
-        for target in FAMILIES["gemma4"].targets:
-            wheel.extract(f"transformers/{target}", tmp_path)
-    package = tmp_path / "transformers"
+    package = release_tree("5.13.1", "gemma4", tmp_path)
     result = run_python("", "-m", "rewriter", "report", "gemma4", "--source-dir", str(package), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     outcomes = {outcome["rule"]: (outcome["status"], outcome["sites"]) for outcome in json.loads(result.stdout)}
