@@ -8,8 +8,9 @@ KV-cache bytes of bug 1, and start-up, in one run.
   compiled graphs). Inductor starts from an empty cache folder, so no mode reuses a previous run's kernels (a later
   mode may reuse kernels an earlier one compiled in this process);
 - per mode and batch size: the first ``generate`` (compilation included) in wall seconds and in CPU seconds of the
-  process and its compiler subprocesses; then prefill and decode tokens/s, median and spread of the repeats, the
-  modes taking turns within each repeat (installed again with their graphs kept) so that load from other jobs
+  process and its compiler subprocesses, cold (empty inductor cache) and warm (a new process on the same machine
+  reusing the cache this run filled: what every start after the first one pays); then prefill and decode tokens/s,
+  median and spread of the repeats, the modes taking turns within each repeat (installed again with their graphs kept) so that load from other jobs
   falls on all of them alike: prefill = tokens / time of a one-token generate (the median of ``--prefill-runs``
   of them per repeat: a tiny prefill takes milliseconds, which one scheduling hiccup doubles); decode = new
   tokens / (time of an n+1-token generate minus that);
@@ -29,12 +30,14 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="generate-bench-inductor-")
+WARM_CACHE = "GENERATE_BENCH_WARM_CACHE"  # set for the warm-start child only: its parent's inductor cache
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get(WARM_CACHE) or tempfile.mkdtemp(prefix="generate-bench-inductor-")
 
 import torch  # noqa: E402
 
@@ -88,19 +91,37 @@ def install(mode: str):
     return compile_decoding("gemma4", MODELING, mode.removeprefix("decode_"))
 
 
+def prompts(model, device: str, args) -> dict[int, torch.Tensor]:
+    vocab = model.config.vocab_size
+    return {batch: torch.randint(0, vocab, (batch, args.prompt), device=device) for batch in args.batches}
+
+
+def first_generates(model, device: str, inputs: dict[int, torch.Tensor], args, label="first_generate") -> dict:
+    """Wall and CPU seconds of the first ``generate`` per batch size (compilation included)."""
+    first = {}
+    for batch, ids in inputs.items():
+        cpu = cpu_seconds()
+        seconds = timed(device, generator(model, ids, args.new_tokens + 1))
+        first[f"batch_{batch}"] = {f"{label}_s": seconds, f"{label}_cpu_s": cpu_seconds() - cpu}
+    return first
+
+
+def warm_first_generates(mode: str) -> dict:
+    """``first_generates`` of ``mode`` in a new process reusing this run's inductor cache."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--warm-start", mode]
+    env = {**os.environ, WARM_CACHE: os.environ["TORCHINDUCTOR_CACHE_DIR"]}
+    child = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.splitlines()[-1])
+
+
 def measure_modes(model, device: str, args) -> dict:
     """First ``generate`` of each mode (compilation included), then its steady tokens/s, the modes taking turns
     within each repeat so that load from other jobs falls on all of them alike."""
-    vocab = model.config.vocab_size
-    inputs = {batch: torch.randint(0, vocab, (batch, args.prompt), device=device) for batch in args.batches}
+    inputs = prompts(model, device, args)
     installed, results = {}, {}
     for mode in args.modes:
         compiled, status = install(mode)
-        first = {}
-        for batch, ids in inputs.items():
-            cpu = cpu_seconds()
-            seconds = timed(device, generator(model, ids, args.new_tokens + 1))
-            first[f"batch_{batch}"] = {"first_generate_s": seconds, "first_generate_cpu_s": cpu_seconds() - cpu}
+        first = first_generates(model, device, inputs, args)
         if compiled is not None:
             compiled.uninstall()
         installed[mode], results[mode] = compiled, {"status": status, "by_batch": first}
@@ -120,6 +141,9 @@ def measure_modes(model, device: str, args) -> dict:
         for batch, (prefill, decode) in samples[mode].items():
             figures = results[mode]["by_batch"][f"batch_{batch}"]
             figures.update(prefill_tok_s=spread(prefill), decode_tok_s=spread(decode))
+        if compiled is not None:
+            for batch, warm in warm_first_generates(mode).items():
+                results[mode]["by_batch"][batch].update(warm)
         graphs = compiled.graphs() if compiled is not None else []
         results[mode].update(graphs=sum(g["graphs"] for g in graphs), graph_variants=graphs)
     return results
@@ -213,11 +237,19 @@ def main() -> None:
     parser.add_argument("--kv-lengths", type=lambda text: [int(n) for n in text.split(",")], default=[1024, 4096, 16384])
     parser.add_argument("--startup-runs", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--warm-start", choices=MODES[1:], help=argparse.SUPPRESS)  # the child of warm_first_generates
     args = parser.parse_args()
     import transformers
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.warm_start:
+        rewriter.compile("gemma4")
+        model = tiny.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
+        install(args.warm_start)
+        inputs = prompts(model, args.device, args)
+        print(json.dumps(first_generates(model, args.device, inputs, args, label="first_generate_warm")))
+        return
     load_before = os.getloadavg()
     command = " ".join(["python", "benchmarks/generate_bench.py", *sys.argv[1:]])
     rewriter.restore("gemma4")
@@ -271,8 +303,9 @@ def main() -> None:
         for batch, figures in result["by_batch"].items():
             ratio = ratios.get(mode, {}).get(batch)
             versus = f" ({ratio['decode']:.2f}x decode, {ratio['prefill']:.2f}x prefill)" if ratio else ""
+            warm = f" (warm {figures['first_generate_warm_s']:.1f} s)" if "first_generate_warm_s" in figures else ""
             print(f"  {mode} {batch}: decode {figures['decode_tok_s']['median']:.1f} tok/s{versus}, "
-                  f"first generate {figures['first_generate_s']:.1f} s, {result['graphs']} graphs")
+                  f"first generate {figures['first_generate_s']:.1f} s{warm}, {result['graphs']} graphs")
     print(f"  slower than eager: {', '.join(results['slower_than_eager']) or 'nowhere'}; "
           f"{results['recompile_limit_hits']} recompile-limit hits")
 

@@ -76,15 +76,21 @@ def generate_section(result: dict) -> list[str]:
     lines += ["", f"Slower than eager: {', '.join(slower) if slower else 'nowhere'}.", ""]
     lines += [
         "First `generate` of each mode (compilation included), wall seconds and CPU seconds (the process and its "
-        "compiler subprocesses); graphs dynamo holds at the end:",
+        "compiler subprocesses): cold, with an empty inductor cache, and warm, in a new process reusing the cache "
+        "this run filled (every start after the first one on a machine); graphs dynamo holds at the end:",
         "",
         "| mode | status | "
-        + " | ".join(f"{batch.removeprefix('batch_')}: wall s / CPU s" for batch in modes["eager"]["by_batch"])
+        + " | ".join(f"{batch.removeprefix('batch_')}: {start} wall s / CPU s" for start in ("cold", "warm")
+                     for batch in modes["eager"]["by_batch"])
         + " | graphs |",
-        "|---|---|" + "---|" * len(modes["eager"]["by_batch"]) + "---|",
+        "|---|---|" + "---|" * 2 * len(modes["eager"]["by_batch"]) + "---|",
     ]
     for mode, figures in modes.items():
-        cells = [f"{f['first_generate_s']:.1f} / {f['first_generate_cpu_s']:.1f}" for f in figures["by_batch"].values()]
+        cells = [
+            f"{f[f'{label}_s']:.1f} / {f[f'{label}_cpu_s']:.1f}" if f"{label}_s" in f else ""
+            for label in ("first_generate", "first_generate_warm")
+            for f in figures["by_batch"].values()
+        ]
         variants = f" in {len(figures['graph_variants'])} variants" if figures["graph_variants"] else ""
         graphs = f"{figures['graphs']}{variants}"
         lines.append(f"| {LABELS[mode]} | {figures['status']} | " + " | ".join(cells) + f" | {graphs} |")
