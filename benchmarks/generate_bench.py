@@ -10,10 +10,10 @@ KV-cache bytes of bug 1, and start-up, in one run.
 - per mode and batch size: the first ``generate`` (compilation included) in wall seconds and in CPU seconds of the
   process and its compiler subprocesses, cold (empty inductor cache) and warm (a new process on the same machine
   reusing the cache this run filled: what every start after the first one pays); then prefill and decode tokens/s,
-  median and spread of the repeats, the modes taking turns within each repeat (installed again with their graphs kept) so that load from other jobs
-  falls on all of them alike: prefill = tokens / time of a one-token generate (the median of ``--prefill-runs``
-  of them per repeat: a tiny prefill takes milliseconds, which one scheduling hiccup doubles); decode = new
-  tokens / (time of an n+1-token generate minus that);
+  median and spread of the repeats, the modes taking turns within each repeat (installed again with their graphs
+  kept) so that load from other jobs falls on all of them alike: prefill = tokens / time of a one-token generate
+  (the median of ``--prefill-runs`` of them per repeat: a tiny prefill takes milliseconds, which one scheduling
+  hiccup doubles); decode = new tokens / (time of an n+1-token generate minus that);
 - the decode roofline: bytes a decode step must read (every weight but the per-layer embedding table, which is
   looked up, plus the K/V each layer attends to at the last position) over the memory bandwidth measured here
   (a large tensor copy), and each decode figure as a share of it;
@@ -37,7 +37,9 @@ import time
 from pathlib import Path
 
 WARM_CACHE = "GENERATE_BENCH_WARM_CACHE"  # set for the warm-start child only: its parent's inductor cache
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get(WARM_CACHE) or tempfile.mkdtemp(prefix="generate-bench-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = (
+    os.environ.get(WARM_CACHE) or tempfile.mkdtemp(prefix="generate-bench-inductor-")
+)
 
 import torch  # noqa: E402
 
@@ -89,6 +91,11 @@ def install(mode: str):
     if mode == "attention":
         return compile_attention(MODELING, "Gemma4TextAttention")
     return compile_decoding("gemma4", MODELING, mode.removeprefix("decode_"))
+
+
+def benchmark_model(args):
+    """The random-weight model of ``--shape``, the same in the run and in its warm-start child."""
+    return tiny.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
 
 
 def prompts(model, device: str, args) -> dict[int, torch.Tensor]:
@@ -249,7 +256,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.warm_start:
         rewriter.compile("gemma4")
-        model = tiny.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
+        model = benchmark_model(args)
         install(args.warm_start)
         inputs = prompts(model, args.device, args)
         print(json.dumps(first_generates(model, args.device, inputs, args, label="first_generate_warm")))
@@ -261,7 +268,7 @@ def main() -> None:
     report = rewriter.compile("gemma4")
     patched_kv = kv_bytes(args.kv_lengths)
 
-    model = tiny.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
+    model = benchmark_model(args)
     modes = measure_modes(model, args.device, args)
     ratios = over_eager(modes)
 
