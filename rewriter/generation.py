@@ -16,11 +16,23 @@ budget of its own, compiled with ``fullgraph=True`` (no graph breaks):
   call costs part of the gain.
 
 At these widths a decode step spends more time around its kernels than in them, so inductor is told to drop what
-only adds work per call: ``size_asserts`` (dynamo's guards already check every input's sizes and strides) and, for
-``"layers"``, the Python wrapper (``cpp_wrapper``: the graph calls its kernels from C++, not from generated
-Python). The whole forward keeps the Python wrapper: a C++ wrapper is one translation unit that g++ builds on one
-core, and for a whole E2B-shaped forward that took the first ``generate`` from 42 s to 110 s (for 4.1x eager
-instead of 3.4x), past what a user waits at start-up; a layer's graph is small and builds in seconds.
+only adds work per call: ``size_asserts`` (dynamo's guards already check every input's sizes and strides) and the
+Python wrapper (``cpp_wrapper``: the graph calls its kernels from C++, not from generated Python). The whole
+forward's C++ wrapper is built apart from its kernels (``cpp_wrapper_build_separate``, the entry at -O1): built with
+them, as one translation unit that g++ builds on one core, it took an E2B-shaped first ``generate`` from 42 s to
+110 s (an AMD EPYC machine); apart, 85 s against 100 s with the Python wrapper, and 4.65x eager instead of 3.47x
+(an Intel Xeon, one script). A layer's graph is small and builds in seconds either way.
+
+Dynamo checks its guards before every call of a graph, and at these widths the check of a layer graph cost a
+sixth of the call (some 550 guard nodes). A decode step drops the guards on what is fixed for one model
+(``decode_guards``): the Python values read through the module (its config's sizes, epsilons and flags) and the
+globals the code calls. It keeps those on what the step is called with (hidden states, masks, the cache), on
+ambient state (grad mode, autocast, default dtype), on every tensor (parameters included: a resized, cast or moved
+weight gets a graph of its own) and on the module tree's structure (module types, hooks, attributes set on an
+instance), so a swapped or quantized module or a hook registered later gets a graph of its own too (dynamo skips
+hook guards by default, ``skip_nnmodule_hook_guards``, and ran such a hook's layer without it: off while installed).
+Each model's config (and attention implementation) gets variants of its own, so no graph of one model runs for
+another whose values differ.
 
 Prefill, training and other caches run eager. ``generate`` on the model classes defaults to
 ``cache_implementation="static"`` (and leaves transformers' own auto-compile off) unless the caller chose a cache.
@@ -30,7 +42,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import logging
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FunctionType
 
@@ -44,9 +59,34 @@ UNITS = ("forward", "layers")
 SLIDING_LENGTH = r".*\.cumulative_length_int$"
 MASK_MAKER = "create_masks_for_generate"  # what ``generate`` calls on the model for a static cache's 4D masks
 INDUCTOR_OPTIONS = {  # see the module docstring
-    "forward": {"size_asserts": False},
+    "forward": {"size_asserts": False, "cpp_wrapper": True, "cpp_wrapper_build_separate": True},
     "layers": {"size_asserts": False, "cpp_wrapper": True},
 }
+MODULE = "self"  # the forward's first argument: the module, whose tensors and structure keep their guards
+MODULE_GUARDS = frozenset(  # every tensor's sizes, strides, dtype and device; each module's type, hooks, attributes
+    {"TENSOR_MATCH", "TYPE_MATCH", "EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT", "DUPLICATE_INPUT"}
+)  # set on the instance, and tied parameters
+
+
+def decode_guards(guards) -> list[bool]:
+    """Dynamo's ``guard_filter_fn`` for a decode step: which of its guards to keep (see the module docstring)."""
+    return [_keeps(guard) for guard in guards]
+
+
+def _keeps(guard) -> bool:
+    if guard.is_global:  # the functions and modules the code calls
+        return False
+    if guard.name == "":  # ambient state: grad mode, autocast, default dtype and device, the shape environment
+        return True
+    argument = _argument(guard.orig_guard.originating_source)
+    return argument is not None and (argument != MODULE or guard.guard_type in MODULE_GUARDS)
+
+
+def _argument(source) -> str | None:
+    """The argument of the compiled function that a guard's source starts from, or ``None``."""
+    while hasattr(source, "base"):
+        source = source.base
+    return getattr(source, "local_name", None)
 
 
 @dataclass(frozen=True)
@@ -80,6 +120,8 @@ class CompiledDecoding:
     eager: dict[type, FunctionType]  # owner class -> its own forward
     generators: tuple[type, ...]
     variants: dict[tuple, Variant] = field(default_factory=dict)
+    models: dict[int, tuple[weakref.ref, str]] = field(default_factory=dict)  # id(config) -> (config, its number)
+    numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     failure: str | None = None
 
     def install(self) -> None:
@@ -92,6 +134,8 @@ class CompiledDecoding:
             self._replace(owner, "forward", self._dispatcher(eager))
         self.unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
         self.dynamic_sources = torch.compiler.config.dynamic_sources
+        self.skip_hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
+        torch._dynamo.config.skip_nnmodule_hook_guards = False  # a hook registered after the first step is seen
         # a sliding cache layer counts its tokens in a Python int: symbolic from the first graph, not a recompile
         torch.compiler.config.dynamic_sources = ",".join(filter(None, (self.dynamic_sources, SLIDING_LENGTH)))
         if self.unit == "layers":
@@ -105,6 +149,7 @@ class CompiledDecoding:
                 setattr(owner, name, own)
         torch._dynamo.config.allow_unspec_int_on_nn_module = self.unspec_ints
         torch.compiler.config.dynamic_sources = self.dynamic_sources
+        torch._dynamo.config.skip_nnmodule_hook_guards = self.skip_hook_guards
 
     def _replace(self, owner: type, name: str, value) -> None:
         self.replaced[owner, name] = owner.__dict__.get(name)
@@ -128,14 +173,16 @@ class CompiledDecoding:
             decoding = type(cache) is StaticCache and tokens.shape[1] == 1 and not module.training
             if compiled.failure is not None or not decoding:
                 return eager(module, *args, **kwargs)
+            model = (compiled._number(module.config), module.config._attn_implementation)  # what no guard checks
             if layers:
                 attention = module.self_attn
-                key = (attention.layer_type, attention.is_kv_shared_layer, attention.store_full_length_kv, len(tokens))
+                key = (*model, attention.layer_type, attention.is_kv_shared_layer, attention.store_full_length_kv,
+                       len(tokens))
                 # KV-shared layers read shared K/V and never touch the cache (it has no layers for them)
                 view = None if attention.is_kv_shared_layer else LayerCache(cache.layers[module.layer_idx])
                 call = {**kwargs, "past_key_values": view}
             else:
-                key, call = (type(module), len(tokens)), kwargs
+                key, call = (*model, type(module), len(tokens)), kwargs
             variant = compiled.variants.get(key) or compiled._add_variant(key, module, tokens, eager)
             try:
                 return variant.function(module, *args, **call)
@@ -146,13 +193,22 @@ class CompiledDecoding:
 
         return forward
 
+    def _number(self, config) -> str:
+        """The number of the model whose config this is: each model's variants are its own (module docstring)."""
+        known = self.models.get(id(config))
+        if known is None or known[0]() is not config:  # a new config, perhaps where a collected one lived
+            known = self.models[id(config)] = (weakref.ref(config), f"#{next(self.numbers)}")
+        return known[1]
+
     def _add_variant(self, key: tuple, module, tokens: torch.Tensor, eager: FunctionType) -> Variant:
         if self.unit == "layers":
             attention = module.self_attn
-            why = {"unit": "layer", "layer": attention.layer_type, "kv": kv_role(attention), "batch": str(len(tokens))}
+            why = {"unit": "layer", "layer": attention.layer_type, "kv": kv_role(attention)}
         else:
-            why = {"unit": "forward", "model": type(module).__name__, "batch": str(len(tokens))}
-        self.variants[key] = compile_copy(eager, why, fullgraph=True, options=INDUCTOR_OPTIONS[self.unit])
+            why = {"unit": "forward", "model": type(module).__name__}
+        why.update(config=key[0], attention=key[1], batch=str(len(tokens)))
+        options = {**INDUCTOR_OPTIONS[self.unit], "guard_filter_fn": decode_guards}  # torch.compile pops the filter
+        self.variants[key] = compile_copy(eager, why, fullgraph=True, options=options)
         return self.variants[key]
 
 

@@ -73,6 +73,47 @@ def static_sizes_only() -> bool:
     )
 
 
+def test_layers_of_one_variant_need_one_graph_under_all_of_dynamos_guards(cache_dir, monkeypatch):
+    """What a layer's graph reads from its module is fixed by its variant (config, layer kind, KV role): with every
+    guard dynamo makes kept, all layers of a variant still run one graph. That is what lets a decode step drop the
+    guards on the module's values (``decode_guards``)."""
+    from rewriter import generation
+
+    monkeypatch.setattr(generation, "decode_guards", lambda guards: [True] * len(guards))
+    model = tiny.causal_lm(2)
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
+    generate(model, 1)
+    assert [g["graphs"] for g in rewriter.decode_graphs("gemma4")] == [1] * 6
+
+
+@pytest.mark.parametrize("unit", ["layers", "forward"])
+def test_a_model_with_other_values_of_the_same_sizes_gets_graphs_of_its_own(cache_dir, unit):
+    """A decode step does not guard the values it reads through the module (here the norms' epsilon); a second
+    model whose config differs only in such a value must not run the first model's graphs."""
+    first, second = tiny.causal_lm(2), tiny.causal_lm(2, config=tiny.text_config(2, rms_norm_eps=1.0))
+    rewriter.compile("gemma4", cache_dir=cache_dir)
+    eager = generate(second, 1)
+    assert not torch.equal(eager, generate(first, 1))  # the epsilon changes the tokens
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode=unit)
+    generate(first, 1)
+    assert torch.equal(generate(second, 1), eager)
+    assert {g["config"] for g in rewriter.decode_graphs("gemma4")} == {"#1", "#2"}
+
+
+def test_a_hook_registered_after_the_first_step_runs_on_its_layer_alone(cache_dir):
+    """A forward hook registered on one layer's MLP after the first compiled step gets a graph of its own, and the
+    other layers of its variant keep theirs. Dynamo by default does not guard hooks and ran that layer without it."""
+    model = tiny.causal_lm(2)
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
+    without_hook = generate(model, 1)
+    model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: -output)
+    with_hook = generate(model, 1)
+    assert not torch.equal(with_hook, without_hook)
+    assert [g["graphs"] for g in rewriter.decode_graphs("gemma4")] == [2, 1, 1, 1, 1, 1]  # layer 0: sliding, own
+    rewriter.compile("gemma4", cache_dir=cache_dir)
+    assert torch.equal(with_hook, generate(model, 1))
+
+
 def test_longer_sessions_share_one_graph_dynamic_in_the_cache_length(cache_dir):
     """A longer static cache compiles once more, dynamic in its length; every later length reuses that graph."""
     model = tiny.causal_lm(2)
@@ -113,6 +154,7 @@ def test_restore_and_recompiling_without_it_put_eager_decoding_back(cache_dir):
     layer, causal_lm = modeling_gemma4.Gemma4TextDecoderLayer, modeling_gemma4.Gemma4ForCausalLM
     eager_layer, eager_model = layer.__dict__["forward"], causal_lm.__dict__["forward"]
     unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
+    skip_hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
     own_masks = modeling_gemma4.Gemma4ForConditionalGeneration.__dict__["create_masks_for_generate"]
 
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
@@ -130,6 +172,7 @@ def test_restore_and_recompiling_without_it_put_eager_decoding_back(cache_dir):
     assert "generate" not in modeling_gemma4.Gemma4ForConditionalGeneration.__dict__
     assert modeling_gemma4.Gemma4ForConditionalGeneration.__dict__["create_masks_for_generate"] is own_masks
     assert torch._dynamo.config.allow_unspec_int_on_nn_module == unspec_ints
+    assert torch._dynamo.config.skip_nnmodule_hook_guards == skip_hook_guards
 
 
 def test_unknown_unit_and_attention_together_are_refused(cache_dir):
