@@ -63,9 +63,11 @@ INDUCTOR_OPTIONS = {  # see the module docstring
     "layers": {"size_asserts": False, "cpp_wrapper": True},
 }
 MODULE = "self"  # the forward's first argument: the module, whose tensors and structure keep their guards
-MODULE_GUARDS = frozenset(  # every tensor's sizes, strides, dtype and device; each module's type, hooks, attributes
+# the module's guards kept: every tensor's sizes, strides, dtype and device; each module's type, hooks and
+# attributes set on the instance; tied parameters
+MODULE_GUARDS = frozenset(
     {"TENSOR_MATCH", "TYPE_MATCH", "EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT", "DUPLICATE_INPUT"}
-)  # set on the instance, and tied parameters
+)
 
 
 def decode_guards(guards) -> list[bool]:
@@ -132,14 +134,17 @@ class CompiledDecoding:
                 self._replace(owner, MASK_MAKER, staticmethod(_masks_in_the_graph(getattr(owner, MASK_MAKER, None))))
         for owner, eager in self.eager.items():
             self._replace(owner, "forward", self._dispatcher(eager))
-        self.unspec_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
-        self.dynamic_sources = torch.compiler.config.dynamic_sources
-        self.skip_hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
-        torch._dynamo.config.skip_nnmodule_hook_guards = False  # a hook registered after the first step is seen
-        # a sliding cache layer counts its tokens in a Python int: symbolic from the first graph, not a recompile
-        torch.compiler.config.dynamic_sources = ",".join(filter(None, (self.dynamic_sources, SLIDING_LENGTH)))
+        dynamo, compiler = torch._dynamo.config, torch.compiler.config
+        settings = {
+            (dynamo, "skip_nnmodule_hook_guards"): False,  # a hook registered after the first step is seen
+            # a sliding cache layer counts its tokens in a Python int: symbolic from the first graph, not a recompile
+            (compiler, "dynamic_sources"): ",".join(filter(None, (compiler.dynamic_sources, SLIDING_LENGTH))),
+        }
         if self.unit == "layers":
-            torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer indices vary without new graphs
+            settings[dynamo, "allow_unspec_int_on_nn_module"] = True  # layer indices vary without new graphs
+        self.settings = {setting: getattr(*setting) for setting in settings}  # (config, name) -> its value before
+        for (config, name), value in settings.items():
+            setattr(config, name, value)
 
     def uninstall(self) -> None:
         for (owner, name), own in self.replaced.items():
@@ -147,9 +152,8 @@ class CompiledDecoding:
                 delattr(owner, name)
             else:
                 setattr(owner, name, own)
-        torch._dynamo.config.allow_unspec_int_on_nn_module = self.unspec_ints
-        torch.compiler.config.dynamic_sources = self.dynamic_sources
-        torch._dynamo.config.skip_nnmodule_hook_guards = self.skip_hook_guards
+        for (config, name), value in self.settings.items():
+            setattr(config, name, value)
 
     def _replace(self, owner: type, name: str, value) -> None:
         self.replaced[owner, name] = owner.__dict__.get(name)
