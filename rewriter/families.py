@@ -66,19 +66,24 @@ def _load(rule: str) -> type:
 
 
 ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
+ROTARY_COMPUTE_ORDER = "rewriter.rules.rotary:RotaryComputeOrderRule"
 TEXT_ONLY_TRAINING = "rewriter.rules.token_types:TextOnlyTrainingRule"
 FAMILIES = {
     "gemma3": Family(
         name="gemma3",
         supported=">=4.53,<6",
-        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, TEXT_ONLY_TRAINING)},
+        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, ROTARY_COMPUTE_ORDER, TEXT_ONLY_TRAINING)},
         requires=("trainer",),
     ),
     "gemma3n": Family(
         name="gemma3n",
         supported=">=4.53,<6",
         files={
-            "models/gemma3n/modeling_gemma3n.py": (ROTARY_BUFFER_ORDER, "rewriter.rules.gemma3n:KVSharingWithoutCacheRule")
+            "models/gemma3n/modeling_gemma3n.py": (
+                ROTARY_BUFFER_ORDER,
+                ROTARY_COMPUTE_ORDER,
+                "rewriter.rules.gemma3n:KVSharingWithoutCacheRule",
+            )
         },
         requires=("trainer",),
     ),
@@ -91,6 +96,7 @@ FAMILIES = {
                 "rewriter.rules.gemma4:KVSharingWithoutCacheRule",
                 "rewriter.rules.gemma4:InputProjDequantRule",
                 ROTARY_BUFFER_ORDER,
+                ROTARY_COMPUTE_ORDER,
                 TEXT_ONLY_TRAINING,
                 "rewriter.rules.gemma4:LossAccumulationRule",
                 "rewriter.rules.gemma4:VisionPoolerFloat16Rule",

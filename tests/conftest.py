@@ -51,6 +51,16 @@ def run_python(code: str, *args: str, env: dict | None = None, cwd: Path | None 
     return result
 
 
+def hash_seeds_by_order(count: int) -> dict[tuple[str, ...], list[int]]:
+    """Seeds grouped by the order a set of the tiny models' layer types iterates in under them (no torch needed)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    code = 'print(" ".join(set(["sliding_attention", "full_attention"] * 3)))'
+    for seed in range(count):
+        order = run_python(code, env={"PYTHONHASHSEED": str(seed)}).stdout.split()
+        groups.setdefault(tuple(order), []).append(seed)
+    return groups
+
+
 def build_wheel(folder: Path) -> tuple[Path, str]:
     """rewriter's wheel, built into ``folder``, and what the build printed. ``build/`` goes first: setuptools reuses
     it, and it keeps files since removed from the tree (cache entries of an older prebuild)."""

@@ -31,8 +31,13 @@ NOT_NEEDED_PARTS = {
 
 
 def definition_text(source: str, name: str) -> str | None:
-    node = next((node for node in ast.parse(source).body if getattr(node, "name", None) == name), None)
-    return node and ast.get_source_segment(source, node, padded=True)
+    """The text of the top-level definition ``name``, or of the method ``Class.method``."""
+    node = ast.parse(source)
+    for part in name.split("."):
+        node = next((child for child in node.body if getattr(child, "name", None) == part), None)
+        if node is None:
+            return None
+    return ast.get_source_segment(source, node, padded=True)
 
 
 def main(cache_dir: str) -> dict:
@@ -96,9 +101,9 @@ def main(cache_dir: str) -> dict:
     if report.outcome("kv-sharing-without-cache").status == "not_needed":
         target = "models/gemma4/modeling_gemma4.py"
         patched, upstream = rewriter.patched_source("gemma4", target), (package / target).read_text()
-        for name in ("Gemma4TextAttention", "Gemma4TextModel"):
+        for name in ("Gemma4TextAttention", "Gemma4TextModel.forward"):  # rotary-compute-order patches the model
             same_text = definition_text(patched, name) == definition_text(upstream, name)
-            forward = inspect.unwrap(getattr(modeling_gemma4, name).forward)
+            forward = inspect.unwrap(getattr(modeling_gemma4, name.split(".")[0]).forward)
             unchanged[name] = same_text and forward.__code__.co_filename == str(package / target)
     target = "models/gemma4/modeling_gemma4.py"
     patched, upstream = rewriter.patched_source("gemma4", target), (package / target).read_text()

@@ -30,6 +30,7 @@ def test_compile_json(cache_dir):
         ("kv-sharing-without-cache", "applied", 2),
         ("input-proj-dequant", "applied", 2),
         ("rotary-buffer-order", "applied", 1),
+        ("rotary-compute-order", "applied", 1),
         ("text-only-training", "applied", 1),
         ("loss-accumulation", "applied", 2),
         ("fp16-vision-pooler", "applied", 2),

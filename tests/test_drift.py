@@ -58,6 +58,12 @@ MUTATIONS = {
         "self.layer_types = set(config.layer_types)",
         "self.layer_types = frozenset(config.layer_types)",
     ),
+    "model's layer types kept in a frozenset": (
+        "rotary-compute-order",
+        MODELING,
+        "self.unique_layer_types = set(self.config.layer_types)",
+        "self.unique_layer_types = frozenset(self.config.layer_types)",
+    ),
     "training check warns instead of raising": (
         "text-only-training",
         MODELING,
@@ -91,6 +97,7 @@ def functions():
         "DynamicCache.__init__": transformers.DynamicCache.__init__.__code__,
         "StaticCache.__init__": transformers.StaticCache.__init__.__code__,
         "Gemma4TextAttention.forward": modeling_gemma4.Gemma4TextAttention.forward.__code__,
+        "Gemma4TextModel.__init__": modeling_gemma4.Gemma4TextModel.__init__.__code__,
         "Gemma4TextModel.forward": inspect.unwrap(modeling_gemma4.Gemma4TextModel.forward).__code__,
         "Gemma4VisionPatchEmbedder.__init__": modeling_gemma4.Gemma4VisionPatchEmbedder.__init__.__code__,
         "Gemma4VisionPatchEmbedder.forward": modeling_gemma4.Gemma4VisionPatchEmbedder.forward.__code__,
@@ -111,6 +118,7 @@ TOUCHED_BY = {
     "kv-sharing-without-cache": {"Gemma4TextAttention.forward", "Gemma4TextModel.forward"},
     "input-proj-dequant": {"Gemma4VisionPatchEmbedder.__init__", "Gemma4VisionPatchEmbedder.forward"},
     "rotary-buffer-order": {"Gemma4TextRotaryEmbedding.__init__"},
+    "rotary-compute-order": {"Gemma4TextModel.__init__"},
     "text-only-training": {"create_causal_mask_mapping"},
     "loss-accumulation": {"Gemma4ForConditionalGeneration.__init__", "Gemma4ForConditionalGeneration.forward"},
     "fp16-vision-pooler": {"Gemma4VisionPooler.forward", "Gemma4VisionModel.forward"},

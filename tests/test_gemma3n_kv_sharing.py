@@ -164,6 +164,10 @@ def test_a_restructured_store_is_drift_and_strict_installs_nothing(tmp_path, mon
     assert modeling_gemma3n.Gemma3nRotaryEmbedding.__init__.__code__ is rotary
     report = rewriter.compile("gemma3n", cache_dir=tmp_path / "cache")
     statuses = {o.rule: o.status for o in report.outcomes}
-    assert statuses == {"rotary-buffer-order": "applied", "kv-sharing-without-cache": "drift"}
+    assert statuses == {
+        "rotary-buffer-order": "applied",
+        "rotary-compute-order": "not_needed",
+        "kv-sharing-without-cache": "drift",
+    }
     assert modeling_gemma3n.Gemma3nTextAttention.forward.__code__ is forward
     assert modeling_gemma3n.Gemma3nRotaryEmbedding.__init__.__code__ is not rotary

@@ -38,6 +38,12 @@ def rotary_buffer_order(version: str) -> tuple[str, int]:
     return (APPLIED, 1) if (5, 0) <= release(version) < (5, 16) else (NOT_NEEDED, 0)
 
 
+def rotary_compute_order(version: str) -> tuple[str, int]:
+    """Gemma-3 and 3n compute position embeddings per layer type in set order from 5.6 (4.x call one rotary embedding
+    per layer type, 5.0 to 5.5 iterate ``config.layer_types``). Not fixed upstream as of 5.24.0."""
+    return (APPLIED, 1) if release(version) >= (5, 6) else (NOT_NEEDED, 0)
+
+
 def text_only_training(version: str) -> tuple[str, int]:
     """The mask builder's check that token types are given in training: 5.0 to 5.5.4 (Gemma-4 from 5.5.0)."""
     return (APPLIED, 1) if (5, 0) <= release(version) < (5, 6) else (NOT_NEEDED, 0)
@@ -63,6 +69,7 @@ def gemma4(version: str) -> dict[str, tuple[str, int]]:
         # input_proj is bare in every release; 5.13 and later no longer cast the input to the weight's dtype themselves
         "input-proj-dequant": (APPLIED, 2 if release(version) < (5, 13) else 1),
         "rotary-buffer-order": rotary_buffer_order(version),
+        "rotary-compute-order": (APPLIED, 1),  # in set order in every release, kept on the model
         "text-only-training": text_only_training(version),
         "loss-accumulation": (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0),
         "fp16-vision-pooler": (APPLIED, 2) if release(version) < (5, 10) else (NOT_NEEDED, 0),
@@ -74,6 +81,7 @@ MATRIX = {
     "gemma3": {
         version: {
             "rotary-buffer-order": rotary_buffer_order(version),
+            "rotary-compute-order": rotary_compute_order(version),
             "text-only-training": text_only_training(version),
         }
         for version in FAMILIES["gemma3"].releases
@@ -81,6 +89,7 @@ MATRIX = {
     "gemma3n": {
         version: {
             "rotary-buffer-order": rotary_buffer_order(version),
+            "rotary-compute-order": rotary_compute_order(version),
             # 4.53.0-4.55.4 slice the cache, 4.56.0-5.5.4 keep `shared_layers` on it; 5.6.0 has `shared_kv_states`.
             "kv-sharing-without-cache": (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0),
         }
@@ -130,6 +139,7 @@ def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
         ("kv-sharing-without-cache", "models/gemma4/modeling_gemma4.py"),
         ("kv-sharing-without-cache", "models/gemma3n/modeling_gemma3n.py"),
         ("input-proj-dequant", "models/gemma4/modeling_gemma4.py"),
+        ("rotary-compute-order", "models/gemma4/modeling_gemma4.py"),  # Gemma-3 and 3n iterate a set from 5.6
         ("loss-accumulation", "models/gemma4/modeling_gemma4.py"),
         ("fp16-vision-pooler", "models/gemma4/modeling_gemma4.py"),
         # the training check on token types, in two families rewriter does not patch as well
@@ -206,7 +216,7 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
     needed_nothing = {rule for rule, (status, _) in outcomes.items() if status == NOT_NEEDED}
     parts = {
         "kv-shared-slice": {"cache_utils.py"},
-        "kv-sharing-without-cache": {"Gemma4TextAttention", "Gemma4TextModel"},
+        "kv-sharing-without-cache": {"Gemma4TextAttention", "Gemma4TextModel.forward"},
         "text-only-training": {"create_causal_mask_mapping", "Gemma4Model"},
         "loss-accumulation": {"Gemma4ForConditionalGeneration"},
         "fp16-vision-pooler": {"Gemma4VisionPooler", "Gemma4VisionModel"},

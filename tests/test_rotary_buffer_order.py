@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_python
+from tests.conftest import ROOT, hash_seeds_by_order, run_python
 
 FAMILIES = ("gemma3", "gemma3n", "gemma4")
 ORDERS = """
@@ -28,16 +28,6 @@ before = orders()
 rewriter.compile_on_import(cache_dir=sys.argv[1])
 print(json.dumps({"before": before, "after": orders()}))
 """ % (FAMILIES,)
-
-
-def hash_seeds_by_order(count: int) -> dict[tuple[str, ...], list[int]]:
-    """Seeds grouped by the order a set of the tiny models' layer types iterates in under them (no torch needed)."""
-    groups: dict[tuple[str, ...], list[int]] = {}
-    code = 'print(" ".join(set(["sliding_attention", "full_attention"] * 3)))'
-    for seed in range(count):
-        order = run_python(code, env={"PYTHONHASHSEED": str(seed)}).stdout.split()
-        groups.setdefault(tuple(order), []).append(seed)
-    return groups
 
 
 def test_buffer_order_is_the_same_in_every_process_once_compiled(tmp_path):
