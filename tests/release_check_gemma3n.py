@@ -9,7 +9,6 @@ runs under whatever transformers that environment has.
 
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import sys
@@ -19,6 +18,7 @@ import libcst
 import torch
 
 import rewriter
+from release_check import definition_text  # tests/, this script's folder
 from rewriter import tiny
 from rewriter.rules.rotary import RotaryComputeOrderRule
 
@@ -49,11 +49,6 @@ def gaps(model) -> dict:
         "uncached": gap(logits(model, use_cache=False), REFERENCE["logits"]),
         "train": gap(logits(model, train=True), REFERENCE["logits"]),
     }
-
-
-def definition_text(source: str, name: str) -> str:
-    node = next(node for node in ast.parse(source).body if getattr(node, "name", None) == name)
-    return ast.get_source_segment(source, node, padded=True)
 
 
 def main(cache_dir: str) -> dict:
