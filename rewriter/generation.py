@@ -28,11 +28,21 @@ sixth of the call (some 550 guard nodes). A decode step drops the guards on what
 (``decode_guards``): the Python values read through the module (its config's sizes, epsilons and flags) and the
 globals the code calls. It keeps those on what the step is called with (hidden states, masks, the cache), on
 ambient state (grad mode, autocast, default dtype), on every tensor (parameters included: a resized, cast or moved
-weight gets a graph of its own) and on the module tree's structure (module types, hooks, attributes set on an
-instance), so a swapped or quantized module or a hook registered later gets a graph of its own too (dynamo skips
-hook guards by default, ``skip_nnmodule_hook_guards``, and ran such a hook's layer without it: off while installed).
+weight gets a graph of its own) and on the module tree's structure (module types, attributes set on an instance,
+each hook dict's length and each hook's code), so a swapped or quantized module or a hook registered later gets a
+graph of its own too, and a removed hook's graph stops matching (dynamo skips hook guards by default,
+``skip_nnmodule_hook_guards``, and ran such a hook's layer without it: off while installed). Dynamo guards no
+global module hook (``register_module_forward_hook``): while one is registered, decoding runs eager.
 Each model's config (and attention implementation) gets variants of its own, so no graph of one model runs for
 another whose values differ.
+
+Each call of a ``torch.compile``'d function runs its wrapper, some forty lines of Python (stance, tracing and export
+checks, dispatch-key and functorch state saved and put back) around dynamo's frame hook, which checks the guards in
+C and runs the graph: at 35 layer calls a step, that wrapper cost the E2B-shaped ``"layers"`` a sixth of its decode
+speed. A decode step calls the copy through the frame hook alone (``direct_call``), set up as the wrapper sets it for
+a fullgraph call, with a callback that dynamo reaches only when no graph's guards pass and that raises there, before
+the frame runs; the wrapper then runs and compiles. Every guard is checked as before; while dynamo traces, or under
+a stance other than the default (``torch.compiler.set_stance``), the wrapper runs.
 
 Prefill, training and other caches run eager. ``generate`` on the model classes defaults to
 ``cache_implementation="static"`` (and leaves transformers' own auto-compile off) unless the caller chose a cache.
@@ -44,12 +54,22 @@ import functools
 import importlib
 import itertools
 import logging
+import re
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import FunctionType
+from types import CodeType, FunctionType
 
 import torch
+from torch._dynamo import eval_frame
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch.nn.modules import module as nn_module
+
+try:  # dynamo's frame hook, for the direct call (torch 2.13; without these every call goes through the wrapper)
+    from torch._C._dynamo.eval_frame import set_eval_frame, set_fullgraph_compiled_frame_count
+    from torch._dynamo.types import ConvertFrameReturn, FrameAction, FrameExecStrategy
+except ImportError:
+    set_eval_frame = None
 
 from rewriter.attention import Variant, compile_copy, kv_role, why_compile_cannot_run
 
@@ -65,6 +85,7 @@ INDUCTOR_OPTIONS = {  # see the module docstring
 MODULE = "self"  # the forward's first argument: the module, whose tensors and structure keep their guards
 # the module's guards kept: every tensor's sizes, strides, dtype and device; each module's type, hooks and
 # attributes set on the instance; tied parameters
+HOOKS = re.compile(r"\b_\w*hooks\w*")  # ``_forward_hooks``, ``_global_forward_pre_hooks``, ...
 MODULE_GUARDS = frozenset(
     {"TENSOR_MATCH", "TYPE_MATCH", "EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT", "DUPLICATE_INPUT"}
 )
@@ -76,6 +97,8 @@ def decode_guards(guards) -> list[bool]:
 
 
 def _keeps(guard) -> bool:
+    if HOOKS.search(guard.name):  # a module's or the global hook dicts, and the hooks in them
+        return True
     if guard.is_global:  # the functions and modules the code calls
         return False
     if guard.name == "":  # ambient state: grad mode, autocast, default dtype and device, the shape environment
@@ -175,6 +198,7 @@ class CompiledDecoding:
             if tokens is None:
                 tokens = kwargs.get("inputs_embeds")
             decoding = type(cache) is StaticCache and tokens.shape[1] == 1 and not module.training
+            decoding = decoding and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
             if compiled.failure is not None or not decoding:
                 return eager(module, *args, **kwargs)
             model = (compiled._number(module.config), module.config._attn_implementation)  # what no guard checks
@@ -212,8 +236,51 @@ class CompiledDecoding:
             why = {"unit": "forward", "model": type(module).__name__}
         why.update(config=key[0], attention=key[1], batch=str(len(tokens)))
         options = {**INDUCTOR_OPTIONS[self.unit], "guard_filter_fn": decode_guards}  # torch.compile pops the filter
-        self.variants[key] = compile_copy(eager, why, fullgraph=True, options=options)
-        return self.variants[key]
+        variant = compile_copy(eager, why, fullgraph=True, options=options)
+        variant.function = direct_call(variant.function, variant.code)
+        self.variants[key] = variant
+        return variant
+
+
+class NoGraph(Exception):
+    """No graph of a compiled copy passes its guards for this call; raised by dynamo's frame hook before the frame
+    runs."""
+
+
+def direct_call(compiled, code: CodeType):
+    """``compiled`` (``torch.compile(fullgraph=True)`` of a copy whose code object is ``code``) called straight
+    through dynamo's frame hook where a graph's guards pass, as its wrapper calls it (see the module docstring); the
+    wrapper itself, which compiles, where none does, and while dynamo traces or a stance other than the default
+    is set."""
+    if set_eval_frame is None:
+        return compiled
+    copy = compiled.__wrapped__  # torch.compile's wrapper is functools.wraps of the copy
+    run_uncached = ConvertFrameReturn(FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT), apply_to_code=False)
+
+    def on_miss(frame, cache_entry, frame_state) -> ConvertFrameReturn:
+        if frame.f_code is code:
+            raise NoGraph
+        return run_uncached  # any other frame (none reaches the hook today): run it as it is, remember nothing
+
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling() and eval_frame._stance.stance == "default":
+            # as the wrapper of a fullgraph copy does: the frames a graph calls (its runtime wrappers) skip the hook
+            count = set_fullgraph_compiled_frame_count(0)
+            prior = set_eval_frame(on_miss)
+            try:
+                return copy(*args, **kwargs)
+            except NoGraph:
+                pass
+            finally:
+                set_eval_frame(prior)
+                set_fullgraph_compiled_frame_count(count)
+        result = compiled(*args, **kwargs)
+        entries = _debug_get_cache_entry_list(code)
+        if entries:  # dynamo matches a graph to the backend that compiled it, found through this attribute
+            on_miss._torchdynamo_orig_backend = entries[0].backend
+        return result
+
+    return call
 
 
 def _masks_in_the_graph(make_masks):

@@ -6,6 +6,9 @@ recompile-limit hit, whichever batch sizes ``generate`` sees.
 
 from __future__ import annotations
 
+import collections
+import sys
+
 import pytest
 import torch
 from transformers.models.gemma4 import modeling_gemma4
@@ -100,18 +103,71 @@ def test_a_model_with_other_values_of_the_same_sizes_gets_graphs_of_its_own(cach
     assert {g["config"] for g in rewriter.decode_graphs("gemma4")} == {"#1", "#2"}
 
 
-def test_a_hook_registered_after_the_first_step_runs_on_its_layer_alone(cache_dir):
-    """A forward hook registered on one layer's MLP after the first compiled step gets a graph of its own, and the
-    other layers of its variant keep theirs. Dynamo by default does not guard hooks and ran that layer without it."""
+@pytest.mark.parametrize("unit", ["layers", "forward"])
+def test_decode_steps_call_their_graphs_past_torch_compiles_wrapper_unless_a_stance_is_set(cache_dir, unit):
+    """Once a variant has its graph, a decode step calls it through dynamo's frame hook alone (``direct_call``):
+    ``torch.compile``'s per-call wrapper runs only where a graph is compiled, and under a stance other than the
+    default, which it applies (here ``force_eager``)."""
     model = tiny.causal_lm(2)
-    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
-    without_hook = generate(model, 1)
-    model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: -output)
-    with_hook = generate(model, 1)
-    assert not torch.equal(with_hook, without_hook)
-    assert [g["graphs"] for g in rewriter.decode_graphs("gemma4")] == [2, 1, 1, 1, 1, 1]  # layer 0: sliding, own
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode=unit)
+    tokens = generate(model, 1)  # compiles
+    compiled_steps, steps = frames_called(lambda: generate(model, 1))
+    assert compiled_steps["compile_wrapper"] == 0 and steps > 0
+    with torch.compiler.set_stance("force_eager"):
+        eager_steps, eager_frames = frames_called(lambda: generate(model, 1))
+    assert eager_steps["compile_wrapper"] == eager_frames == steps
+    assert torch.equal(generate(model, 1), tokens)
+
+
+def frames_called(run) -> tuple[collections.Counter, int]:
+    """The Python frames ``run()`` enters, by code name, and how many of them are compiled decoding's copies."""
+    names = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            names[frame.f_code.co_name] += 1
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return names, sum(count for name, count in names.items() if name.startswith(PREFIXES))
+
+
+def negate_mlps(module, args, output):
+    return -output if isinstance(module, modeling_gemma4.Gemma4TextMLP) else None
+
+
+@pytest.mark.parametrize("unit", ["layers", "forward"])
+def test_a_hook_registered_after_the_first_step_runs_on_its_layer_alone_until_removed(cache_dir, unit):
+    """A forward hook registered on one layer's MLP after the first compiled step gets graphs of its own; the other
+    layers of its variant (without KV sharing the tiny model has three sliding layers with their own K/V) keep
+    theirs, and once the hook is removed no step runs it. Dynamo by default does not guard hooks and ran that
+    layer without it; a decode step that dropped the guards on the hook (the dict's length, the hook's code) ran
+    it on every layer of the variant, and after its removal. Dynamo guards no global module hook: while one is
+    registered, decoding runs eager."""
+    model = tiny.causal_lm(0)
     rewriter.compile("gemma4", cache_dir=cache_dir)
-    assert torch.equal(with_hook, generate(model, 1))
+    without_hook = generate(model, 1)
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: -output)
+    with_hook = generate(model, 1)
+    hook.remove()
+    hook = torch.nn.modules.module.register_module_forward_hook(negate_mlps)
+    with_global_hook = generate(model, 1)
+    hook.remove()
+    assert not torch.equal(with_hook, without_hook) and not torch.equal(with_global_hook, without_hook)
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode=unit)
+    assert torch.equal(generate(model, 1), without_hook)
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: -output)
+    assert torch.equal(generate(model, 1), with_hook)
+    hook.remove()
+    assert torch.equal(generate(model, 1), without_hook)
+    hook = torch.nn.modules.module.register_module_forward_hook(negate_mlps)
+    assert torch.equal(generate(model, 1), with_global_hook)
+    hook.remove()
+    first, *others = [g["graphs"] for g in rewriter.decode_graphs("gemma4")]  # layer 0's variant first
+    assert first == 2 and set(others) <= {1}
 
 
 def test_longer_sessions_share_one_graph_dynamic_in_the_cache_length(cache_dir):
