@@ -29,10 +29,12 @@ sixth of the call (some 550 guard nodes). A decode step drops the guards on what
 globals the code calls. It keeps those on what the step is called with (hidden states, masks, the cache), on
 ambient state (grad mode, autocast, default dtype), on every tensor (parameters included: a resized, cast or moved
 weight gets a graph of its own) and on the module tree's structure (module types, attributes set on an instance,
-each hook dict's length and each hook's code), so a swapped or quantized module or a hook registered later gets a
-graph of its own too, and a removed hook's graph stops matching (dynamo skips hook guards by default,
-``skip_nnmodule_hook_guards``, and ran such a hook's layer without it: off while installed). Dynamo guards no
-global module hook (``register_module_forward_hook``): while one is registered, decoding runs eager.
+each hook dict and the hooks in it: their code, arguments and closures, though not the globals they read), so a
+swapped or quantized module or a hook registered later gets a graph of its own too, and a removed hook's graph
+stops matching (dynamo skips hook guards by default, ``skip_nnmodule_hook_guards``, and ran such a hook's layer
+without it: off while installed). Hooks that differ per layer give each layer a graph; past dynamo's recompile
+limit decoding runs eager, with a warning. Dynamo guards no global module hook (``register_module_forward_hook``):
+while one is registered, decoding runs eager.
 Each model's config (and attention implementation) gets variants of its own, so no graph of one model runs for
 another whose values differ.
 
@@ -42,7 +44,8 @@ C and runs the graph: at 35 layer calls a step, that wrapper cost the E2B-shaped
 speed. A decode step calls the copy through the frame hook alone (``direct_call``), set up as the wrapper sets it for
 a fullgraph call, with a callback that dynamo reaches only when no graph's guards pass and that raises there, before
 the frame runs; the wrapper then runs and compiles. Every guard is checked as before; while dynamo traces, or under
-a stance other than the default (``torch.compiler.set_stance``), the wrapper runs.
+any stance but the plain default (``torch.compiler.set_stance``: another stance, a forced backend or skipped
+guards), the wrapper runs and applies it. With dynamo off (``TORCHDYNAMO_DISABLE``) the copy runs eager.
 
 Prefill, training and other caches run eager. ``generate`` on the model classes defaults to
 ``cache_implementation="static"`` (and leaves transformers' own auto-compile off) unless the caller chose a cache.
@@ -76,6 +79,9 @@ from rewriter.attention import Variant, compile_copy, kv_role, why_compile_canno
 logger = logging.getLogger("rewriter")
 
 UNITS = ("forward", "layers")
+# a compiler failure, or a variant past dynamo's recompile limit (with fullgraph=True dynamo raises rather than run
+# eager: hooks that differ per layer, such as one ``functools.partial`` per layer, give each layer a graph)
+COMPILER_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 SLIDING_LENGTH = r".*\.cumulative_length_int$"
 MASK_MAKER = "create_masks_for_generate"  # what ``generate`` calls on the model for a static cache's 4D masks
 INDUCTOR_OPTIONS = {  # see the module docstring
@@ -83,12 +89,10 @@ INDUCTOR_OPTIONS = {  # see the module docstring
     "layers": {"size_asserts": False, "cpp_wrapper": True},
 }
 MODULE = "self"  # the forward's first argument: the module, whose tensors and structure keep their guards
-# the module's guards kept: every tensor's sizes, strides, dtype and device; each module's type, hooks and
-# attributes set on the instance; tied parameters
-HOOKS = re.compile(r"\b_\w*hooks\w*")  # ``_forward_hooks``, ``_global_forward_pre_hooks``, ...
-MODULE_GUARDS = frozenset(
-    {"TENSOR_MATCH", "TYPE_MATCH", "EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT", "DUPLICATE_INPUT"}
-)
+# the module's guards kept besides those on its hooks: every tensor's sizes, strides, dtype and device; each
+# module's type and attributes set on the instance; tied parameters
+MODULE_GUARDS = frozenset({"TENSOR_MATCH", "TYPE_MATCH", "NOT_PRESENT_IN_GENERIC_DICT", "DUPLICATE_INPUT"})
+HOOKS = re.compile(r"\b_\w*hooks\w*")  # a hook dict's name: ``_forward_hooks``, ``_forward_pre_hooks``, ...
 
 
 def decode_guards(guards) -> list[bool]:
@@ -97,7 +101,7 @@ def decode_guards(guards) -> list[bool]:
 
 
 def _keeps(guard) -> bool:
-    if HOOKS.search(guard.name):  # a module's or the global hook dicts, and the hooks in them
+    if HOOKS.search(guard.name):  # a hook dict and the hooks in it (their code, arguments and closures)
         return True
     if guard.is_global:  # the functions and modules the code calls
         return False
@@ -214,7 +218,7 @@ class CompiledDecoding:
             variant = compiled.variants.get(key) or compiled._add_variant(key, module, tokens, eager)
             try:
                 return variant.function(module, *args, **call)
-            except torch._dynamo.exc.TorchDynamoException as error:  # a compiler failure, never a model error
+            except COMPILER_FAILURES as error:  # never a model error
                 compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
                 logger.warning("rewriter: compiled decoding failed (%s); running eager", compiled.failure)
                 return eager(module, *args, **kwargs)
@@ -252,9 +256,9 @@ def direct_call(compiled, code: CodeType):
     through dynamo's frame hook where a graph's guards pass, as its wrapper calls it (see the module docstring); the
     wrapper itself, which compiles, where none does, and while dynamo traces or a stance other than the default
     is set."""
-    if set_eval_frame is None:
+    copy = getattr(compiled, "__wrapped__", None)  # torch.compile's wrapper is functools.wraps of the copy
+    if set_eval_frame is None or copy is None or copy.__code__ is not code:  # no hook, or dynamo is off
         return compiled
-    copy = compiled.__wrapped__  # torch.compile's wrapper is functools.wraps of the copy
     run_uncached = ConvertFrameReturn(FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT), apply_to_code=False)
 
     def on_miss(frame, cache_entry, frame_state) -> ConvertFrameReturn:
@@ -263,7 +267,10 @@ def direct_call(compiled, code: CodeType):
         return run_uncached  # any other frame (none reaches the hook today): run it as it is, remember nothing
 
     def call(*args, **kwargs):
-        if not torch.compiler.is_compiling() and eval_frame._stance.stance == "default":
+        if torch.compiler.is_compiling():  # dynamo traces the step: it inlines the wrapper
+            return compiled(*args, **kwargs)
+        stance = eval_frame._stance
+        if stance.stance == "default" and stance.backend is None and not stance.skip_guard_eval_unsafe:
             # as the wrapper of a fullgraph copy does: the frames a graph calls (its runtime wrappers) skip the hook
             count = set_fullgraph_compiled_frame_count(0)
             prior = set_eval_frame(on_miss)

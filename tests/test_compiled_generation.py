@@ -7,6 +7,8 @@ recompile-limit hit, whichever batch sizes ``generate`` sees.
 from __future__ import annotations
 
 import collections
+import functools
+import logging
 import sys
 
 import pytest
@@ -105,17 +107,21 @@ def test_a_model_with_other_values_of_the_same_sizes_gets_graphs_of_its_own(cach
 
 @pytest.mark.parametrize("unit", ["layers", "forward"])
 def test_decode_steps_call_their_graphs_past_torch_compiles_wrapper_unless_a_stance_is_set(cache_dir, unit):
-    """Once a variant has its graph, a decode step calls it through dynamo's frame hook alone (``direct_call``):
-    ``torch.compile``'s per-call wrapper runs only where a graph is compiled, and under a stance other than the
-    default, which it applies (here ``force_eager``)."""
+    """Once a variant has its graph, a decode step calls it through dynamo's frame hook alone (``direct_call``),
+    and the graph runs (the model's Python, here its rotary embedding, does not): ``torch.compile``'s per-call
+    wrapper runs only where a graph is compiled, and under a stance other than the default, which it applies (here
+    ``force_eager``). Dynamo's hook is off again after each step."""
     model = tiny.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode=unit)
     tokens = generate(model, 1)  # compiles
     compiled_steps, steps = frames_called(lambda: generate(model, 1))
     assert compiled_steps["compile_wrapper"] == 0 and steps > 0
+    assert torch._C._dynamo.eval_frame.get_eval_frame_callback() is None
     with torch.compiler.set_stance("force_eager"):
         eager_steps, eager_frames = frames_called(lambda: generate(model, 1))
     assert eager_steps["compile_wrapper"] == eager_frames == steps
+    rotary = "apply_rotary_pos_emb"  # every attention layer calls it: compiled, in the (eager) prefill alone
+    assert eager_steps[rotary] == compiled_steps[rotary] * NEW_TOKENS > 0  # a prefill and NEW_TOKENS - 1 steps
     assert torch.equal(generate(model, 1), tokens)
 
 
@@ -168,6 +174,27 @@ def test_a_hook_registered_after_the_first_step_runs_on_its_layer_alone_until_re
     hook.remove()
     first, *others = [g["graphs"] for g in rewriter.decode_graphs("gemma4")]  # layer 0's variant first
     assert first == 2 and set(others) <= {1}
+
+
+def test_a_variant_past_dynamos_recompile_limit_decodes_eager_with_one_warning(cache_dir, caplog):
+    """Hooks that differ per layer (here one ``functools.partial`` per layer) give each layer of a variant a graph of
+    its own. Past dynamo's recompile limit, where a fullgraph compile raises instead of running eager, decoding runs
+    eager with one warning and the tokens stay right."""
+    model = tiny.causal_lm(0)  # layers 0 and 2: sliding, with their own K/V (4 stores them for later layers)
+    for index in (0, 2):
+        model.model.layers[index].mlp.register_forward_hook(functools.partial(scale_output, -1.0 - index))
+    rewriter.compile("gemma4", cache_dir=cache_dir)
+    eager = generate(model, 1)
+    rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
+    with caplog.at_level(logging.WARNING, logger="rewriter"), torch._dynamo.config.patch(recompile_limit=1):
+        assert torch.equal(generate(model, 1), eager)
+        assert torch.equal(generate(model, 1), eager)
+    failures = [record.getMessage() for record in caplog.records if "compiled decoding failed" in record.getMessage()]
+    assert len(failures) == 1 and "FailOnRecompileLimitHit" in failures[0]
+
+
+def scale_output(factor, module, args, output):
+    return output * factor
 
 
 def test_longer_sessions_share_one_graph_dynamic_in_the_cache_length(cache_dir):
@@ -259,3 +286,21 @@ def test_command_line_flag_reports_the_unit(cache_dir):
     result = run_python("", "-m", "rewriter", "compile", "gemma4", *flags)
     assert result.returncode == 0, result.stderr
     assert '"decode": "compiled layers"' in result.stdout
+
+
+def test_with_dynamo_switched_off_decoding_runs_the_copy_eager(cache_dir):
+    """``TORCHDYNAMO_DISABLE=1`` makes ``torch.compile`` hand back the function it was given: decoding runs it."""
+    code = f"""
+import torch
+import rewriter
+from rewriter import tiny
+model = tiny.causal_lm(2)
+rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
+eager = model.generate(tiny.input_ids(), max_new_tokens=3, do_sample=False)
+for unit in ("layers", "forward"):
+    rewriter.compile("gemma4", cache_dir={str(cache_dir)!r}, compile_decode=unit)
+    print(torch.equal(model.generate(tiny.input_ids(), max_new_tokens=3, do_sample=False), eager))
+"""
+    result = run_python(code, env={"TORCHDYNAMO_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
