@@ -267,27 +267,31 @@ def direct_call(compiled, code: CodeType):
         return run_uncached  # any other frame (none reaches the hook today): run it as it is, remember nothing
 
     def call(*args, **kwargs):
-        if torch.compiler.is_compiling():  # dynamo traces the step: it inlines the wrapper
+        if torch.compiler.is_compiling() or not _default_stance():  # dynamo inlines the wrapper, which applies a stance
             return compiled(*args, **kwargs)
-        stance = eval_frame._stance
-        if stance.stance == "default" and stance.backend is None and not stance.skip_guard_eval_unsafe:
-            # as the wrapper of a fullgraph copy does: the frames a graph calls (its runtime wrappers) skip the hook
-            count = set_fullgraph_compiled_frame_count(0)
-            prior = set_eval_frame(on_miss)
-            try:
-                return copy(*args, **kwargs)
-            except NoGraph:
-                pass
-            finally:
-                set_eval_frame(prior)
-                set_fullgraph_compiled_frame_count(count)
-        result = compiled(*args, **kwargs)
+        # as the wrapper of a fullgraph copy does: the frames a graph calls (its runtime wrappers) skip the hook
+        count = set_fullgraph_compiled_frame_count(0)
+        prior = set_eval_frame(on_miss)
+        try:
+            return copy(*args, **kwargs)
+        except NoGraph:
+            pass
+        finally:
+            set_eval_frame(prior)
+            set_fullgraph_compiled_frame_count(count)
+        result = compiled(*args, **kwargs)  # compiles
         entries = _debug_get_cache_entry_list(code)
         if entries:  # dynamo matches a graph to the backend that compiled it, found through this attribute
             on_miss._torchdynamo_orig_backend = entries[0].backend
         return result
 
     return call
+
+
+def _default_stance() -> bool:
+    """Whether no ``torch.compiler.set_stance`` is in force: another stance, a forced backend or skipped guards."""
+    stance = eval_frame._stance
+    return stance.stance == "default" and stance.backend is None and not stance.skip_guard_eval_unsafe
 
 
 def _masks_in_the_graph(make_masks):
