@@ -68,6 +68,7 @@ def _load(rule: str) -> type:
 ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
 ROTARY_COMPUTE_ORDER = "rewriter.rules.rotary:RotaryComputeOrderRule"
 TEXT_ONLY_TRAINING = "rewriter.rules.token_types:TextOnlyTrainingRule"
+KV_SHARING_FSDP2 = "rewriter.rules.kv_sharing:SharedKVCarrierRule"  # after a model's kv-sharing-without-cache
 FAMILIES = {
     "gemma3": Family(
         name="gemma3",
@@ -83,6 +84,7 @@ FAMILIES = {
                 ROTARY_BUFFER_ORDER,
                 ROTARY_COMPUTE_ORDER,
                 "rewriter.rules.gemma3n:KVSharingWithoutCacheRule",
+                KV_SHARING_FSDP2,
             )
         },
         requires=("trainer",),
@@ -94,6 +96,7 @@ FAMILIES = {
             "cache_utils.py": ("rewriter.rules.gemma4:KVSharedSliceRule",),
             "models/gemma4/modeling_gemma4.py": (
                 "rewriter.rules.gemma4:KVSharingWithoutCacheRule",
+                KV_SHARING_FSDP2,
                 "rewriter.rules.gemma4:InputProjDequantRule",
                 ROTARY_BUFFER_ORDER,
                 ROTARY_COMPUTE_ORDER,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from rewriter.rules.kv_sharing import SharedKVStatesRule
+from rewriter.rules.kv_sharing import SharedKVStatesRule, wrappers
 
 SELF = m.Name("self")
 NONE = m.Name("None")
@@ -100,7 +100,7 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
     last one before them and at most two entries are alive).
     """
 
-    scope = IN_ATTENTION | IN_TEXT_MODEL
+    scope = IN_ATTENTION | IN_TEXT_MODEL | wrappers("Gemma3n")
     expected = (
         "Gemma3nTextAttention.forward reading the shared K/V from `past_key_values.shared_layers[...]` or from a "
         "cache slot only when a cache is given"
@@ -108,6 +108,21 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
     BUGGY = '''
         class Gemma3nTextAttention(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.q_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.k_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.v_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.o_proj = nn.Linear(config.head_dim, config.hidden_size)
+
+                self.q_norm = Gemma3nRMSNorm(dim=config.head_dim)
+                self.k_norm = Gemma3nRMSNorm(dim=config.head_dim)
+                self.v_norm = Gemma3nRMSNorm(dim=config.head_dim, with_scale=False)
+
+                first_kv_shared_layer_idx = self.config.num_hidden_layers - self.config.num_kv_shared_layers
+                self.is_kv_shared_layer = layer_idx >= first_kv_shared_layer_idx
+                self.kv_shared_layer_index = first_kv_shared_layer_idx - 1 if self.is_kv_shared_layer else None
+
             def forward(self, hidden_states, past_key_values: Optional[Cache] = None, **kwargs):
                 if self.is_kv_shared_layer and past_key_values is not None:
                     key_states, value_states = past_key_values.shared_layers[self.kv_shared_layer_index]
@@ -127,6 +142,11 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
 
         class Gemma3nTextModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = nn.ModuleList([Gemma3nTextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+                self.post_init()
+
             def forward(self, hidden_states, past_key_values=None, **kwargs):
                 for decoder_layer in self.layers[: self.config.num_hidden_layers]:
                     hidden_states = decoder_layer(
@@ -135,9 +155,38 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
                         **kwargs,
                     )
                 return hidden_states
+
+
+        class Gemma3nModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                language_model = AutoModel.from_config(config=config.text_config)
+                self.language_model = language_model
+                self.post_init()
+
+            def set_decoder(self, decoder):
+                self.language_model = decoder
     '''
     PATCHED = '''
         class Gemma3nTextAttention(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.q_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.o_proj = nn.Linear(config.head_dim, config.hidden_size)
+
+                self.q_norm = Gemma3nRMSNorm(dim=config.head_dim)
+
+                first_kv_shared_layer_idx = self.config.num_hidden_layers - self.config.num_kv_shared_layers
+                self.is_kv_shared_layer = layer_idx >= first_kv_shared_layer_idx
+
+                # Layers sharing kv states don't need any weight matrices
+                if not self.is_kv_shared_layer:
+                    self.k_proj = nn.Linear(config.hidden_size, config.head_dim)
+                    self.v_proj = nn.Linear(config.hidden_size, config.head_dim)
+                    self.k_norm = Gemma3nRMSNorm(dim=config.head_dim)
+                    self.v_norm = Gemma3nRMSNorm(dim=config.head_dim, with_scale=False)
+                self.kv_shared_layer_index = first_kv_shared_layer_idx - 1 if self.is_kv_shared_layer else None
+
             def forward(self, hidden_states, past_key_values: Optional[Cache] = None, shared_kv_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
                 if self.is_kv_shared_layer:
                     key_states, value_states = shared_kv_states[self.kv_shared_layer_index]
@@ -154,6 +203,19 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
 
         class Gemma3nTextModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = nn.ModuleList([Gemma3nTextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+
+                # Update `_keys_to_ignore_on_load_unexpected` to drop all k/v proj and norms for the shared layers
+                self._keys_to_ignore_on_load_unexpected = []
+                for i, layer in enumerate(self.layers):
+                    if layer.self_attn.is_kv_shared_layer:
+                        self._keys_to_ignore_on_load_unexpected.extend(
+                            [f"layers.{i}.self_attn.{name}" for name in ("k_proj", "v_proj", "k_norm", "v_norm")]
+                        )
+                self.post_init()
+
             def forward(self, hidden_states, past_key_values=None, **kwargs):
                 shared_kv_states = {}
                 for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -164,10 +226,41 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
                         **kwargs,
                     )
                 return hidden_states
+
+
+        class Gemma3nModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                language_model = AutoModel.from_config(config=config.text_config)
+                self.language_model = language_model
+
+                # Grab the ones from the child
+                self._keys_to_ignore_on_load_unexpected = [
+                    f"language_model.{name}" for name in self.language_model._keys_to_ignore_on_load_unexpected
+                ]
+                self.post_init()
+
+            def set_decoder(self, decoder):
+                self.language_model = decoder
     '''
     # The shape of 4.53.0 to 4.55.4, which ``BUGGY`` cannot hold next to the other.
     BUGGY_SLICING = '''
         class Gemma3nTextAttention(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.q_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.k_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.v_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.o_proj = nn.Linear(config.head_dim, config.hidden_size)
+
+                self.q_norm = Gemma3nRMSNorm(dim=config.head_dim)
+                self.k_norm = Gemma3nRMSNorm(dim=config.head_dim)
+                self.v_norm = Gemma3nRMSNorm(dim=config.head_dim, with_scale=False)
+
+                first_kv_shared_layer_idx = self.config.num_hidden_layers - self.config.num_kv_shared_layers
+                self.is_kv_shared_layer = layer_idx >= first_kv_shared_layer_idx
+                self.kv_shared_layer_index = first_kv_shared_layer_idx - 1 if self.is_kv_shared_layer else None
+
             def forward(self, hidden_states, past_key_value: Optional[Cache] = None, cache_position=None, **kwargs):
                 if self.is_kv_shared_layer and self.kv_shared_layer_index is not None and past_key_value is not None:
                     layer = past_key_value.layers[self.kv_shared_layer_index]
@@ -184,14 +277,48 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
 
         class Gemma3nTextModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = nn.ModuleList([Gemma3nTextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+                self.post_init()
+
             def forward(self, hidden_states, past_key_values=None, **flash_attn_kwargs):
                 for decoder_layer in self.layers[: self.config.num_hidden_layers]:
                     layer_outputs = decoder_layer(hidden_states, past_key_value=past_key_values, **flash_attn_kwargs)
                     hidden_states = layer_outputs[0]
                 return hidden_states
+
+
+        class Gemma3nModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                language_model = AutoModel.from_config(config=config.text_config)
+                self.language_model = language_model
+                self.post_init()
+
+            def set_decoder(self, decoder):
+                self.language_model = decoder
     '''
     PATCHED_SLICING = '''
         class Gemma3nTextAttention(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.q_proj = nn.Linear(config.hidden_size, config.head_dim)
+                self.o_proj = nn.Linear(config.head_dim, config.hidden_size)
+
+                self.q_norm = Gemma3nRMSNorm(dim=config.head_dim)
+
+                first_kv_shared_layer_idx = self.config.num_hidden_layers - self.config.num_kv_shared_layers
+                self.is_kv_shared_layer = layer_idx >= first_kv_shared_layer_idx
+
+                # Layers sharing kv states don't need any weight matrices
+                if not self.is_kv_shared_layer:
+                    self.k_proj = nn.Linear(config.hidden_size, config.head_dim)
+                    self.v_proj = nn.Linear(config.hidden_size, config.head_dim)
+                    self.k_norm = Gemma3nRMSNorm(dim=config.head_dim)
+                    self.v_norm = Gemma3nRMSNorm(dim=config.head_dim, with_scale=False)
+                self.kv_shared_layer_index = first_kv_shared_layer_idx - 1 if self.is_kv_shared_layer else None
+
             def forward(self, hidden_states, past_key_value: Optional[Cache] = None, cache_position=None, shared_kv_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
                 if self.is_kv_shared_layer and self.kv_shared_layer_index is not None:
                     key_states, value_states = shared_kv_states[self.config.layer_types[self.layer_idx]]
@@ -210,12 +337,41 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
 
         class Gemma3nTextModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = nn.ModuleList([Gemma3nTextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+
+                # Update `_keys_to_ignore_on_load_unexpected` to drop all k/v proj and norms for the shared layers
+                self._keys_to_ignore_on_load_unexpected = []
+                for i, layer in enumerate(self.layers):
+                    if layer.self_attn.is_kv_shared_layer:
+                        self._keys_to_ignore_on_load_unexpected.extend(
+                            [f"layers.{i}.self_attn.{name}" for name in ("k_proj", "v_proj", "k_norm", "v_norm")]
+                        )
+                self.post_init()
+
             def forward(self, hidden_states, past_key_values=None, **flash_attn_kwargs):
                 shared_kv_states = {}
                 for decoder_layer in self.layers[: self.config.num_hidden_layers]:
                     layer_outputs = decoder_layer(hidden_states, past_key_value=past_key_values, shared_kv_states=shared_kv_states, **flash_attn_kwargs)
                     hidden_states = layer_outputs[0]
                 return hidden_states
+
+
+        class Gemma3nModel(Gemma3nPreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                language_model = AutoModel.from_config(config=config.text_config)
+                self.language_model = language_model
+
+                # Grab the ones from the child
+                self._keys_to_ignore_on_load_unexpected = [
+                    f"language_model.{name}" for name in self.language_model._keys_to_ignore_on_load_unexpected
+                ]
+                self.post_init()
+
+            def set_decoder(self, decoder):
+                self.language_model = decoder
     '''
     EXAMPLES = ((BUGGY_SLICING, PATCHED_SLICING),)
     FIXED = (
@@ -246,6 +402,10 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
         BUGGY.replace("shared_layers[self.kv_shared_layer_index]", "layers[self.kv_shared_layer_index]"),
         # the model no longer loops over `decoder_layer`
         BUGGY.replace("for decoder_layer in", "for block in").replace("decoder_layer(\n", "block(\n"),
+        # the attention builds its value norm under another name
+        BUGGY.replace("self.v_norm = Gemma3nRMSNorm(", "self.value_norm = Gemma3nRMSNorm("),
+        # the wrapping model no longer initialises its weights with `self.post_init()`
+        BUGGY.replace("self.post_init()\n\n            def set_decoder", "self.init_weights()\n\n            def set_decoder"),
     )
 
     def __init__(self) -> None:

@@ -8,7 +8,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
-from rewriter.rules.kv_sharing import SharedKVStatesRule
+from rewriter.rules.kv_sharing import SharedKVStatesRule, wrappers
 
 SELF = m.Name("self")
 NONE = m.Name("None")
@@ -216,11 +216,23 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
     as transformers 5.5.2 does, so a cache no longer decides what the shared layers attend to.
     """
 
-    scope = IN_ATTENTION | IN_TEXT_MODEL
+    scope = IN_ATTENTION | IN_TEXT_MODEL | wrappers("Gemma4")
     expected = "Gemma4TextAttention.forward reading `past_key_values.shared_layers[...]` only when a cache is given"
 
     BUGGY = '''
         class Gemma4TextAttention(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.is_kv_shared_layer = layer_idx >= config.num_hidden_layers - config.num_kv_shared_layers > 0
+                self.q_norm = Gemma4RMSNorm(dim=self.head_dim)
+                self.k_norm = Gemma4RMSNorm(dim=self.head_dim)
+                self.v_norm = Gemma4RMSNorm(self.head_dim, with_scale=False)
+
+                self.k_proj = nn.Linear(config.hidden_size, self.head_dim)
+                self.q_proj = nn.Linear(config.hidden_size, self.head_dim)
+                self.v_proj = nn.Linear(config.hidden_size, self.head_dim) if not self.use_alternative_attention else None
+                self.o_proj = nn.Linear(self.head_dim, config.hidden_size)
+
             def forward(self, hidden_states, past_key_values: Cache | None = None, **kwargs):
                 if self.is_kv_shared_layer and past_key_values is not None:
                     key_states, value_states = past_key_values.shared_layers[self.kv_shared_layer_index]
@@ -237,6 +249,13 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
 
         class Gemma4TextModel(Gemma4PreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = nn.ModuleList([Gemma4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+
+                # Initialize weights and apply final processing
+                self.post_init()
+
             def forward(self, hidden_states, past_key_values=None, **kwargs):
                 for i, decoder_layer in enumerate(self.layers):
                     hidden_states = decoder_layer(
@@ -247,9 +266,34 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
                 for i, layer in enumerate(self.other_layers):
                     hidden_states = layer(hidden_states, **kwargs)
                 return hidden_states
+
+
+        class Gemma4ForCausalLM(Gemma4PreTrainedModel, GenerationMixin):
+            def __init__(self, config):
+                super().__init__(config)
+                self.model = Gemma4TextModel(config)
+                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+                # Initialize weights and apply final processing
+                self.post_init()
     '''
     PATCHED = '''
         class Gemma4TextAttention(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.is_kv_shared_layer = layer_idx >= config.num_hidden_layers - config.num_kv_shared_layers > 0
+                self.q_norm = Gemma4RMSNorm(dim=self.head_dim)
+                self.q_proj = nn.Linear(config.hidden_size, self.head_dim)
+
+                # Layers sharing kv states don't need any weight matrices
+                if not self.is_kv_shared_layer:
+                    self.k_norm = Gemma4RMSNorm(dim=self.head_dim)
+                    self.v_norm = Gemma4RMSNorm(self.head_dim, with_scale=False)
+
+                    self.k_proj = nn.Linear(config.hidden_size, self.head_dim)
+                    self.v_proj = nn.Linear(config.hidden_size, self.head_dim) if not self.use_alternative_attention else None
+                self.o_proj = nn.Linear(self.head_dim, config.hidden_size)
+
             def forward(self, hidden_states, past_key_values: Cache | None = None, shared_kv_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
                 if self.is_kv_shared_layer:
                     key_states, value_states = shared_kv_states[self.kv_shared_layer_index]
@@ -263,6 +307,21 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
 
 
         class Gemma4TextModel(Gemma4PreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = nn.ModuleList([Gemma4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+
+                # Update `_keys_to_ignore_on_load_unexpected` to drop all k/v proj and norms for the shared layers
+                self._keys_to_ignore_on_load_unexpected = []
+                for i, layer in enumerate(self.layers):
+                    if layer.self_attn.is_kv_shared_layer:
+                        self._keys_to_ignore_on_load_unexpected.extend(
+                            [f"layers.{i}.self_attn.{name}" for name in ("k_proj", "v_proj", "k_norm", "v_norm")]
+                        )
+
+                # Initialize weights and apply final processing
+                self.post_init()
+
             def forward(self, hidden_states, past_key_values=None, **kwargs):
                 shared_kv_states = {}
                 for i, decoder_layer in enumerate(self.layers):
@@ -275,6 +334,21 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
                 for i, layer in enumerate(self.other_layers):
                     hidden_states = layer(hidden_states, **kwargs)
                 return hidden_states
+
+
+        class Gemma4ForCausalLM(Gemma4PreTrainedModel, GenerationMixin):
+            def __init__(self, config):
+                super().__init__(config)
+                self.model = Gemma4TextModel(config)
+                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+                # Grab the ones from the child
+                self._keys_to_ignore_on_load_unexpected = [
+                    f"model.{name}" for name in self.model._keys_to_ignore_on_load_unexpected
+                ]
+
+                # Initialize weights and apply final processing
+                self.post_init()
     '''
     FIXED = (
         '''
@@ -301,6 +375,10 @@ class KVSharingWithoutCacheRule(SharedKVStatesRule):
         # the model no longer loops over `decoder_layer`
         BUGGY.replace("for i, decoder_layer in enumerate(self.layers):", "for i, block in enumerate(self.layers):")
         .replace("decoder_layer(\n", "block(\n"),
+        # the attention builds its value norm under another name
+        BUGGY.replace("self.v_norm = Gemma4RMSNorm(", "self.value_norm = Gemma4RMSNorm("),
+        # the text model no longer initialises its weights with `self.post_init()`
+        BUGGY.replace("self.post_init()", "self.init_weights()"),
     )
 
     @m.call_if_inside(IN_ATTENTION)

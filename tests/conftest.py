@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -51,6 +54,23 @@ def run_python(code: str, *args: str, env: dict | None = None, cwd: Path | None 
     return result
 
 
+def torchrun_train(
+    tmp_path: Path, family: str, mode: str, how: str, ranks: int = 2, python=sys.executable, env: dict | None = None
+) -> list[dict]:
+    """Every rank's result of ``tests/distributed_train.py`` run by ``ranks`` processes under ``torchrun``, with
+    ``tmp_path / "cache"`` as the cache folder."""
+    out = tmp_path / f"{family}-{mode}-{how}-{ranks}"
+    out.mkdir()
+    script = [ROOT / "tests" / "distributed_train.py", family, mode, how, tmp_path / "cache", out]
+    command = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *map(str, script)]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, **(env or {})}
+    )
+    results = [json.loads(path.read_text()) for path in sorted(out.glob("rank-*.json"))]
+    assert run.returncode == 0 and len(results) == ranks, run.stdout[-2000:] + run.stderr[-3000:]
+    return results
+
+
 def hash_seeds_by_order(count: int) -> dict[tuple[str, ...], list[int]]:
     """Seeds grouped by the order a set of the tiny models' layer types iterates in under them (no torch needed)."""
     groups: dict[tuple[str, ...], list[int]] = {}
@@ -68,6 +88,24 @@ def build_wheel(folder: Path) -> tuple[Path, str]:
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", folder, ROOT]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return next(Path(folder).glob("rewriter-*.whl")), result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def rewriter_wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))[0]
+
+
+def release_python(version: str, folder: Path, rewriter_wheel: Path) -> Path:
+    """A virtual environment with transformers ``version`` and rewriter, reusing this environment's packages
+    (torch above all) for everything else."""
+    subprocess.run([sys.executable, "-m", "venv", folder], check=True)
+    python = folder / "bin" / "python"
+    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip())
+    (site / "test-environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--no-deps", rewriter_wheel], check=True)
+    subprocess.run([*pip, fetch_wheel(version)], check=True)  # the wheel the release checks read, downloaded once
+    return python
 
 
 def release_tree(version: str, family: str, folder: Path) -> Path:
@@ -91,3 +129,37 @@ def mutated_transformers(folder: Path, monkeypatch, target: str, old: str, new: 
     assert text.count(old) >= 1, f"{old!r} is not in {target}"
     (folder / target).write_text(text.replace(old, new))
     monkeypatch.setattr(api, "installed_transformers", lambda family: (version, folder))
+
+
+def shared_layers_weights_are_gone(family: str, reference: dict, folder: Path, cache_dir: Path) -> None:
+    """Patched ``family`` builds its KV-shared layers without K/V weights, exactly as the ``reference`` release that
+    fixed the bug natively: the same state dict, loaded strictly; a checkpoint the unpatched release saved, which holds
+    those weights, loads with nothing unexpected and gives the reference's logits; every parameter gets a gradient
+    from a gradient-checkpointed step without a cache (what DDP with ``find_unused_parameters=False`` needs)."""
+    import torch
+
+    from rewriter import tiny
+
+    rewriter.restore(family)
+    unpatched = tiny.text_model(family)
+    unpatched.load_state_dict(reference["state_dict"], strict=False)
+    unpatched.save_pretrained(folder)
+    stock_names = set(unpatched.state_dict())
+    assert stock_names > set(reference["state_dict"])  # the unpatched release keeps the shared layers' K/V weights
+
+    rewriter.compile(family, cache_dir=cache_dir, strict=True)
+    model = tiny.text_model(family)
+    assert model.state_dict().keys() == reference["state_dict"].keys()
+    model.load_state_dict(reference["state_dict"])
+    loaded, info = type(model).from_pretrained(folder, output_loading_info=True)
+    assert info["unexpected_keys"] == set() or info["unexpected_keys"] == []
+    assert not info["missing_keys"]
+    ignored = {name for name in stock_names - set(reference["state_dict"])}
+    assert all(any(re.search(pattern, name) for pattern in loaded._keys_to_ignore_on_load_unexpected) for name in ignored)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(reference["input_ids"]).logits, reference["logits"])
+
+    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = reference["input_ids"]
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert [name for name, parameter in model.named_parameters() if parameter.grad is None] == []

@@ -98,10 +98,12 @@ def main(cache_dir: str) -> dict:
     if report.outcome("kv-shared-slice").status == "not_needed":
         cache_utils = rewriter.patched_source("gemma4", "cache_utils.py")
         unchanged["cache_utils.py"] = cache_utils == (package / "cache_utils.py").read_text()
-    if report.outcome("kv-sharing-without-cache").status == "not_needed":
-        target = "models/gemma4/modeling_gemma4.py"
-        patched, upstream = rewriter.patched_source("gemma4", target), (package / target).read_text()
-        for name in ("Gemma4TextAttention", "Gemma4TextModel.forward"):  # rotary-compute-order patches the model
+    # rotary-compute-order patches the text model's __init__; kv-sharing-fsdp2, until 5.8.1, its forward
+    shared_kv_parts = {"kv-sharing-without-cache": "Gemma4TextAttention", "kv-sharing-fsdp2": "Gemma4TextModel.forward"}
+    for rule, name in shared_kv_parts.items():
+        if report.outcome(rule).status == "not_needed":
+            target = "models/gemma4/modeling_gemma4.py"
+            patched, upstream = rewriter.patched_source("gemma4", target), (package / target).read_text()
             same_text = definition_text(patched, name) == definition_text(upstream, name)
             forward = inspect.unwrap(getattr(modeling_gemma4, name.split(".")[0]).forward)
             unchanged[name] = same_text and forward.__code__.co_filename == str(package / target)

@@ -20,6 +20,7 @@ import torch
 import rewriter
 from release_check import definition_text  # tests/, this script's folder
 from rewriter import tiny
+from rewriter.rules.kv_sharing import SharedKVCarrierRule
 from rewriter.rules.rotary import RotaryComputeOrderRule
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
@@ -54,7 +55,10 @@ def gaps(model) -> dict:
 def main(cache_dir: str) -> dict:
     import transformers
 
-    unpatched = gaps(oracle_weights_model())
+    stock = oracle_weights_model()
+    unpatched = gaps(stock)
+    checkpoint = Path(cache_dir) / "stock-checkpoint"
+    stock.save_pretrained(checkpoint)  # with the shared layers' own K/V weights, as checkpoints have them
     report = rewriter.compile("gemma3n", cache_dir=cache_dir, strict=True)
     from transformers.models.gemma3n import modeling_gemma3n
 
@@ -68,6 +72,9 @@ def main(cache_dir: str) -> dict:
         "patched": gaps(model),
         "uncached_equals_cached": torch.equal(logits(model, use_cache=False), cached),
         "train_equals_cached": torch.equal(logits(model, train=True), cached),
+        # patched, shared layers build no K/V weights, and loading a checkpoint that has them drops them silently
+        "state_dict_keys_are_the_oracles": model.state_dict().keys() == REFERENCE["state_dict"].keys(),
+        "unexpected_keys_on_load": sorted(type(model).from_pretrained(checkpoint, output_loading_info=True)[1]["unexpected_keys"]),
     }
 
     model.eval()
@@ -104,10 +111,13 @@ def main(cache_dir: str) -> dict:
             definition_text(patched, "Gemma3nTextAttention") == definition_text(upstream, "Gemma3nTextAttention")
             and attention.__code__.co_filename == str(package / target)
         )
-        # rotary-compute-order rewrites the model's forward in these releases: the model differs by its change alone
-        ordered = RotaryComputeOrderRule().apply(libcst.parse_module(upstream))[0].code
+        # rotary-compute-order and, until 5.8.1, kv-sharing-fsdp2 rewrite the model's forward in these releases: the
+        # model differs by their changes alone
+        expected = libcst.parse_module(upstream)
+        for rule in (RotaryComputeOrderRule, SharedKVCarrierRule):
+            expected = rule().apply(expected)[0]
         model = "Gemma3nTextModel"
-        unchanged[model] = definition_text(patched, model) == definition_text(ordered, model)
+        unchanged[model] = definition_text(patched, model) == definition_text(expected.code, model)
     result["unchanged_where_not_needed"] = unchanged
     return result
 

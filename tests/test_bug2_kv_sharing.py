@@ -15,6 +15,7 @@ import torch
 from transformers import Gemma4ForCausalLM
 
 from rewriter import tiny
+from tests.conftest import shared_layers_weights_are_gone
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "kv_sharing_reference.pt", weights_only=True)
 SHARED_LAYERS = (4, 5)
@@ -102,3 +103,7 @@ def test_gradient_checkpointing_gives_the_loss_and_gradients_of_a_cached_forward
     assert grads.keys() == reference_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_patched_shared_layers_build_no_kv_weights_as_the_oracle(cache_dir, tmp_path):
+    shared_layers_weights_are_gone("gemma4", REFERENCE, tmp_path / "checkpoint", cache_dir)

@@ -91,7 +91,7 @@ def corrupt_plant_code(entry: Path) -> None:
     """Code that leaves a marker file if it ever runs, on the same line so that line numbers still fit."""
     path = diff_of(entry, MODELING)
     marker = entry.parent.parent / "executed"
-    text = path.read_text().replace("shared_kv_states = {}", f"shared_kv_states = {{}}; open({str(marker)!r}, 'w')")
+    text = path.read_text().replace("shared_kv_states = UserDict()", f"shared_kv_states = UserDict(); open({str(marker)!r}, 'w')")
     path.write_text(text)
 
 

@@ -27,7 +27,8 @@ def test_compile_json(cache_dir):
     report = json.loads(out)
     assert [(o["rule"], o["status"], o["sites"]) for o in report["outcomes"]] == [
         ("kv-shared-slice", "applied", 2),
-        ("kv-sharing-without-cache", "applied", 2),
+        ("kv-sharing-without-cache", "applied", 3),
+        ("kv-sharing-fsdp2", "applied", 1),
         ("input-proj-dequant", "applied", 2),
         ("rotary-buffer-order", "applied", 1),
         ("rotary-compute-order", "applied", 1),
@@ -57,7 +58,7 @@ def test_diff_shows_each_rule_change(cache_dir):
     assert code == 0, err
     assert "+++ b/transformers/cache_utils.py" in out
     assert "+                layer_types = layer_types[: len(layer_types) - decoder_config.num_kv_shared_layers]" in out
-    assert "+        shared_kv_states = {}" in out
+    assert "+        shared_kv_states = UserDict()" in out
     assert "+        self.input_proj = Gemma4DequantizingLinear(" in out
 
 

@@ -23,7 +23,7 @@ from transformers.models.gemma3n import modeling_gemma3n
 
 import rewriter
 from rewriter import tiny
-from tests.conftest import mutated_transformers
+from tests.conftest import mutated_transformers, shared_layers_weights_are_gone
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
 SHARED_LAYERS = (4, 5)
@@ -168,6 +168,11 @@ def test_a_restructured_store_is_drift_and_strict_installs_nothing(tmp_path, mon
         "rotary-buffer-order": "applied",
         "rotary-compute-order": "not_needed",
         "kv-sharing-without-cache": "drift",
+        "kv-sharing-fsdp2": "drift",  # what it rewrites is the dict the drifted rule would have inserted
     }
     assert modeling_gemma3n.Gemma3nTextAttention.forward.__code__ is forward
     assert modeling_gemma3n.Gemma3nRotaryEmbedding.__init__.__code__ is not rotary
+
+
+def test_patched_shared_layers_build_no_kv_weights_as_the_oracle(cache_dir, tmp_path):
+    shared_layers_weights_are_gone("gemma3n", REFERENCE, tmp_path / "checkpoint", cache_dir)

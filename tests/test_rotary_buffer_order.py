@@ -7,13 +7,10 @@ order that differs between them. Shown with real processes, real ``PYTHONHASHSEE
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, hash_seeds_by_order, run_python
+from tests.conftest import hash_seeds_by_order, run_python, torchrun_train
 
 FAMILIES = ("gemma3", "gemma3n", "gemma4")
 ORDERS = """
@@ -55,27 +52,15 @@ def test_torchrun_ranks_with_different_hash_seeds_train_like_one_process(patched
     groups = list(hash_seeds_by_order(16).values())
     assert len(groups) == 2
     seeds = [groups[0][0], groups[1][0], groups[0][1], groups[1][1]]  # ranks 1 and 3 differ from rank 0
-    script, cache = str(ROOT / "tests" / "ddp_train.py"), tmp_path / "cache"
-    ranks, alone = tmp_path / "ranks", tmp_path / "alone"
-    ranks.mkdir(), alone.mkdir()
     mode = "patched" if patched else "unpatched"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", script, mode, str(cache), str(ranks)]
     env = {"REWRITER_RANK_HASH_SEEDS": ",".join(map(str, seeds))}
-    result = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=run_env(env))
-    assert result.returncode == 0, result.stderr[-3000:]
-    single = run_python("", script, mode, str(tmp_path / "single-cache"), str(alone))
-    assert single.returncode == 0, single.stderr[-3000:]
-    reference = json.loads((alone / "rank-0.json").read_text())["losses"]
-    results = [json.loads((ranks / f"rank-{rank}.json").read_text()) for rank in range(4)]
+    results = torchrun_train(tmp_path, "gemma4", mode, "ddp", ranks=4, env=env)
+    reference = torchrun_train(tmp_path, "gemma4", mode, "ddp", ranks=1)[0]["losses"]
     assert [rank["hash_seed"] for rank in results] == [str(seed) for seed in seeds]
     if patched:
         for rank in results:
             assert rank["losses"] == pytest.approx(reference, rel=1e-6, abs=0)
-        assert len(list(cache.glob("*.json"))) == 1  # one entry, built once for the four ranks
+        assert len(list((tmp_path / "cache").glob("*.json"))) == 1  # one entry, built once for the four ranks
     else:  # the ranks whose order differs from rank 0's compute with swapped frequencies from the first step on
         assert results[0]["losses"][0] == pytest.approx(reference[0], rel=1e-6, abs=0)
         assert all(results[rank]["losses"][0] != pytest.approx(reference[0], rel=1e-4) for rank in (1, 3))
-
-
-def run_env(extra: dict[str, str]) -> dict[str, str]:
-    return {**os.environ, **extra}
