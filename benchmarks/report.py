@@ -158,7 +158,29 @@ def chart(results: list[dict]) -> None:
     figure.savefig(CHART, dpi=110)
 
 
-SECTIONS = {"startup": startup_section, "generate": generate_section}
+def inputs_embeds_section(result: dict) -> list[str]:
+    lines = [
+        f"## Per-layer token lookup from `inputs_embeds` alone, Gemma-4 at E2B's vocabulary, transformers "
+        f"{result['transformers']}",
+        "",
+        f"Machine: {result['machine']}; torch {result['torch']}. Command: `{result['command']}`. One process per "
+        f"case; `get_per_layer_inputs` of a {result['vocabulary']:,} x {result['hidden']:,} embedding table; the peak "
+        "resident memory the call adds, and its wall time (noisy: one run).",
+        "",
+        "| dtype | tokens | stock | stock: added peak, time | patched | patched: added peak, time |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = {(row["dtype"], row["tokens"], row["mode"]): row for row in result["rows"]}
+    for dtype, tokens in dict.fromkeys((row["dtype"], row["tokens"]) for row in result["rows"]):
+        cells = []
+        for mode in ("stock", "patched"):
+            row = rows[dtype, tokens, mode]
+            cells += [row["outcome"], f"{row['added_peak_mib']:,.0f} MiB, {row['seconds']:.2f} s"]
+        lines.append(f"| {dtype} | {tokens} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
+SECTIONS = {"startup": startup_section, "generate": generate_section, "inputs_embeds": inputs_embeds_section}
 
 
 def main(paths: list[str]) -> None:

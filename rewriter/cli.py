@@ -215,6 +215,42 @@ def prebuild_command(args, console: Console) -> int:
     return 0
 
 
+def releases_command(args, console: Console) -> int:
+    """Every rule's verdict on each transformers release newer than the list on PyPI (or on the releases named); with
+    ``--add``, unless a rule drifted, they join the list (``rewriter/releases.txt``) and get shipped entries."""
+    from packaging.version import Version
+
+    from rewriter.api import build, shipped_cache
+    from rewriter.families import FAMILIES
+    from rewriter.prebuild import prebuild
+    from rewriter.releases import RELEASES, add_releases, fetch_wheel, pypi_releases, wheel_sources
+
+    newest = Version(RELEASES[-1])
+    versions = args.versions or [release for release in pypi_releases() if Version(release) > newest]
+    versions = [version for version in versions if any(family.supports(version) for family in FAMILIES.values())]
+    rows = []
+    for version in versions:
+        wheel = fetch_wheel(version)
+        for family in (family for family in FAMILIES.values() if family.supports(version)):
+            rows += [(version, family.name, outcome) for outcome in build(family, wheel_sources(wheel, family.targets))[1]]
+    drifted = any(outcome.status == "drift" for _, _, outcome in rows)
+    if args.json:
+        print(json.dumps([{"release": version, "family": name, **asdict(o)} for version, name, o in rows], indent=2))
+    else:
+        table = Table(title=f"rules on transformers {', '.join(versions) or '(no newer release on PyPI)'}")
+        for column in ("release", "family", "rule", "status", "sites", "detail"):
+            table.add_column(column)
+        for version, name, o in rows:
+            status = f"[{STATUS_STYLE[o.status]}]{o.status}[/]"
+            table.add_row(version, name, o.rule, status, str(o.sites), escape(o.detail))
+        console.print(table)
+    if args.add and versions and not drifted:
+        add_releases([version for version in versions if version not in RELEASES])
+        for family, release, key, _ in prebuild(shipped_cache().root, versions):
+            console.print(f"shipped {family} on transformers {release}: {key}")
+    return 1 if drifted else 0
+
+
 def scan_command(args, console: Console) -> int:
     """Where a known buggy shape appears in a transformers tree, for every family, patched by rewriter or not."""
     from rewriter.engine import scan
@@ -282,6 +318,15 @@ def parser() -> argparse.ArgumentParser:
     prebuild.add_argument("releases", nargs="*", help="versions or wheel paths (default: every family's releases)")
     prebuild.add_argument("--out", help="folder to write (default: the package's compiled_cache)")
     prebuild.set_defaults(run=prebuild_command)
+    releases = commands.add_parser(
+        "releases", help="every rule's verdict on transformers releases newer than the known ones, from PyPI"
+    )
+    releases.add_argument("versions", nargs="*", help="these releases instead of PyPI's newer ones")
+    releases.add_argument(
+        "--add", action="store_true", help="unless a rule drifted, add them to the release list and ship their entries"
+    )
+    releases.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    releases.set_defaults(run=releases_command)
     demo = commands.add_parser("demo", help="show each Gemma bug unpatched, compile, and show it fixed")
     demo.set_defaults(run=demo_command)
     return main

@@ -69,11 +69,20 @@ ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
 ROTARY_COMPUTE_ORDER = "rewriter.rules.rotary:RotaryComputeOrderRule"
 TEXT_ONLY_TRAINING = "rewriter.rules.token_types:TextOnlyTrainingRule"
 KV_SHARING_FSDP2 = "rewriter.rules.kv_sharing:SharedKVCarrierRule"  # after a model's kv-sharing-without-cache
+PER_LAYER_INPUTS_FROM_EMBEDS = "rewriter.rules.per_layer_inputs_from_embeds:PerLayerInputsFromEmbedsRule"
+TEXT_ONLY_OUTPUT_PROPERTIES = "rewriter.rules.text_only_output_properties:TextOnlyOutputPropertiesRule"
 FAMILIES = {
     "gemma3": Family(
         name="gemma3",
         supported=">=4.53,<6",
-        files={"models/gemma3/modeling_gemma3.py": (ROTARY_BUFFER_ORDER, ROTARY_COMPUTE_ORDER, TEXT_ONLY_TRAINING)},
+        files={
+            "models/gemma3/modeling_gemma3.py": (
+                ROTARY_BUFFER_ORDER,
+                ROTARY_COMPUTE_ORDER,
+                TEXT_ONLY_TRAINING,
+                TEXT_ONLY_OUTPUT_PROPERTIES,
+            )
+        },
         requires=("trainer",),
     ),
     "gemma3n": Family(
@@ -85,6 +94,8 @@ FAMILIES = {
                 ROTARY_COMPUTE_ORDER,
                 "rewriter.rules.gemma3n:KVSharingWithoutCacheRule",
                 KV_SHARING_FSDP2,
+                PER_LAYER_INPUTS_FROM_EMBEDS,
+                TEXT_ONLY_OUTPUT_PROPERTIES,
             )
         },
         requires=("trainer",),
@@ -103,6 +114,8 @@ FAMILIES = {
                 TEXT_ONLY_TRAINING,
                 "rewriter.rules.gemma4:LossAccumulationRule",
                 "rewriter.rules.gemma4:VisionPoolerFloat16Rule",
+                PER_LAYER_INPUTS_FROM_EMBEDS,
+                TEXT_ONLY_OUTPUT_PROPERTIES,
             ),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),

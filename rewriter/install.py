@@ -210,7 +210,8 @@ def _set_function_state(function: FunctionType, state: tuple) -> None:
 
 
 def _live_function(module: ModuleType, qualname: str) -> FunctionType:
-    """The function object whose code is ``qualname``, found through decorators, wrappers and descriptors."""
+    """The function object whose code is ``qualname``, found through decorators, wrappers, descriptors and
+    properties."""
     owner_name, _, name = qualname.rpartition(".")
     start = vars(vars(module)[owner_name]).get(name) if owner_name else vars(module).get(name)
     pending, seen = [start], set()
@@ -223,6 +224,7 @@ def _live_function(module: ModuleType, qualname: str) -> FunctionType:
             return candidate
         pending.append(getattr(candidate, "__func__", None))
         pending.append(getattr(candidate, "__wrapped__", None))
+        pending.append(getattr(candidate, "fget", None))  # a property's getter
         for cell in getattr(candidate, "__closure__", None) or ():
             try:
                 pending.append(cell.cell_contents)

@@ -9,21 +9,14 @@ import zipfile
 from pathlib import Path
 
 import platformdirs
+from packaging.version import Version
 
 from rewriter.report import RewriterError
 
 
-# Every transformers release from Gemma-3n's first (4.53.0) to the latest the rules know, oldest first, as PyPI lists
-# them, the yanked 5.10.0 left out: what each family is checked against and ships an entry for (those it supports).
-# A new release is added here, then `python -m rewriter prebuild` writes its entries.
-RELEASES = (
-    "4.53.0", "4.53.1", "4.53.2", "4.53.3", "4.54.0", "4.54.1", "4.55.0", "4.55.1", "4.55.2", "4.55.3", "4.55.4",
-    "4.56.0", "4.56.1", "4.56.2", "4.57.0", "4.57.1", "4.57.2", "4.57.3", "4.57.4", "4.57.5", "4.57.6", "5.0.0",
-    "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.0", "5.5.1", "5.5.2", "5.5.3", "5.5.4", "5.6.0", "5.6.1", "5.6.2",
-    "5.7.0", "5.8.0", "5.8.1", "5.9.0", "5.10.1", "5.10.2", "5.10.4", "5.11.0", "5.12.0", "5.12.1", "5.13.0",
-    "5.13.1", "5.14.0", "5.14.1", "5.15.0", "5.15.1", "5.16.0", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.0",
-    "5.20.1", "5.20.2", "5.21.0", "5.21.1", "5.22.0", "5.22.1", "5.22.2", "5.23.0", "5.24.0",
-)
+RELEASES_FILE = Path(__file__).with_name("releases.txt")
+# Every transformers release from Gemma-3n's first (4.53.0) to the latest the rules were checked on, oldest first.
+RELEASES = tuple(line for line in RELEASES_FILE.read_text().splitlines() if line and not line.startswith("#"))
 
 
 class FetchError(RewriterError):
@@ -55,3 +48,21 @@ def wheel_sources(wheel: Path, targets: tuple[str, ...]) -> dict[str, str]:
     """The text of each target file (relative to the transformers package) inside ``wheel``."""
     with zipfile.ZipFile(wheel) as archive:
         return {target: archive.read(f"transformers/{target}").decode("utf-8") for target in targets}
+
+
+def pypi_releases() -> list[str]:
+    """Every transformers release PyPI lists (pre-releases and yanked ones left out), oldest first, as
+    ``pip index versions`` reports them."""
+    command = [sys.executable, "-m", "pip", "index", "versions", "--disable-pip-version-check", "transformers"]
+    pip = subprocess.run(command, capture_output=True, text=True)
+    listed = next((line for line in pip.stdout.splitlines() if line.startswith("Available versions:")), None)
+    if pip.returncode != 0 or listed is None:
+        why = pip.stderr.strip().splitlines()[-1:] or [f"pip exited with {pip.returncode}"]
+        raise FetchError(f"cannot list transformers releases on PyPI: {why[0]}")
+    return sorted(listed.removeprefix("Available versions:").replace(",", " ").split(), key=Version)
+
+
+def add_releases(versions: list[str]) -> None:
+    """Append ``versions`` (newer than every known release) to ``RELEASES_FILE``."""
+    with RELEASES_FILE.open("a", encoding="utf-8") as file:
+        file.writelines(f"{version}\n" for version in versions)

@@ -175,6 +175,24 @@ def text_model(family: str, seed: int = 0):
     return getattr(transformers, classes[family])(configs[family]()).eval()
 
 
+def per_layer_inputs_model(family: str, dtype: torch.dtype = torch.float32):
+    """A tiny Gemma-4 (hidden 96: ``sqrt(96)`` is not a bfloat16 number) or Gemma-3n causal language model whose
+    per-layer inputs count: random per-layer weights, and Gemma-3n's AltUp correction scale, which starts at zero
+    (it multiplies the per-layer branch), made non-zero as in real checkpoints. In eval mode, in ``dtype``."""
+    from transformers import Gemma3nForCausalLM, Gemma4ForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gemma4":
+        model = Gemma4ForCausalLM(text_config(2, hidden_size=96))
+    else:
+        model = Gemma3nForCausalLM(gemma3n_text_config())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "per_layer" in name or "correct_output_scale" in name:
+                parameter.normal_(std=0.5)
+    return model.eval().to(dtype)
+
+
 def input_ids(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
     """Random text tokens, none of them special."""
     return torch.randint(0, 250, (batch, length), generator=torch.Generator().manual_seed(seed))

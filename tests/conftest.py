@@ -95,6 +95,20 @@ def rewriter_wheel(tmp_path_factory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("wheel"))[0]
 
 
+@pytest.fixture(scope="session")
+def release_env(tmp_path_factory, rewriter_wheel):
+    """``release_env(version)``: the Python of a virtual environment with transformers ``version``, made once a
+    session (``release_python``)."""
+    made: dict[str, Path] = {}
+
+    def python(version: str) -> Path:
+        if version not in made:
+            made[version] = release_python(version, tmp_path_factory.mktemp(f"venv-{version}"), rewriter_wheel)
+        return made[version]
+
+    return python
+
+
 def release_python(version: str, folder: Path, rewriter_wheel: Path) -> Path:
     """A virtual environment with transformers ``version`` and rewriter, reusing this environment's packages
     (torch above all) for everything else."""

@@ -35,6 +35,8 @@ def test_compile_json(cache_dir):
         ("text-only-training", "applied", 1),
         ("loss-accumulation", "applied", 2),
         ("fp16-vision-pooler", "applied", 2),
+        ("per-layer-inputs-from-embeds", "applied", 1),
+        ("text-only-output-properties", "not_needed", 0),  # a property from 5.24.0
     ]
     assert report["source"] == "shipped"
 

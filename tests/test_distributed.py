@@ -13,11 +13,9 @@ Each rank trains on the same rows as the one-process run, so the losses must equ
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import release_python, torchrun_train as train
+from tests.conftest import torchrun_train as train
 
 FAMILIES = ("gemma4", "gemma3n")
 UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
@@ -47,16 +45,11 @@ def test_fsdp2_mixed_precision_trains_patched_like_one_process(family, tmp_path)
     assert losses(train(tmp_path, family, "patched", "fsdp2")) == [alone, alone]
 
 
-@pytest.fixture(scope="module")
-def python_5_8_1(tmp_path_factory, rewriter_wheel) -> Path:
-    """transformers 5.8.1: the last release carrying the shared K/V in a plain dict (Gemma-4 from 5.5.2, Gemma-3n
-    from 5.6.0)."""
-    return release_python("5.8.1", tmp_path_factory.mktemp("venv-5.8.1"), rewriter_wheel)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fsdp2_mixed_precision_loses_a_plain_dict_of_shared_kv_and_patched_trains(family, tmp_path, python_5_8_1):
+def test_fsdp2_mixed_precision_loses_a_plain_dict_of_shared_kv_and_patched_trains(family, tmp_path, release_env):
+    # 5.8.1: the last release carrying the shared K/V in a plain dict (Gemma-4 from 5.5.2, Gemma-3n from 5.6.0)
+    python_5_8_1 = release_env("5.8.1")
     stock = train(tmp_path, family, "unpatched", "fsdp2", python=python_5_8_1)
     assert all(result.get("error", "").startswith("KeyError") for result in stock)
     alone = losses(train(tmp_path, family, "patched", "fsdp2", ranks=1, python=python_5_8_1))[0]

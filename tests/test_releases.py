@@ -22,7 +22,7 @@ from rewriter import api
 from rewriter.cache import entry_key
 from rewriter.families import FAMILIES
 from rewriter.releases import fetch_wheel, wheel_sources
-from tests.conftest import ROOT, release_python, release_tree, run_python
+from tests.conftest import ROOT, release_tree, run_python
 
 APPLIED, NOT_NEEDED = "applied", "not_needed"
 
@@ -58,6 +58,12 @@ def kv_sharing_fsdp2(version: str) -> tuple[str, int]:
     return (APPLIED, 1) if release(version) < (5, 9) else (NOT_NEEDED, 0)
 
 
+def text_only_output_properties(version: str, sites: int) -> tuple[str, int]:
+    """``image_hidden_states`` (Gemma-3n and Gemma-4: ``audio_hidden_states`` too) of two output classes are
+    properties from 5.24.0, fields before; open upstream."""
+    return (APPLIED, sites) if release(version) >= (5, 24) else (NOT_NEEDED, 0)
+
+
 def kv_shared_slice(version: str) -> tuple[str, int]:
     """Two trimming sites up to 5.9.0, one from 5.10.1 (StaticCache's is guarded by ``> 0``), fixed in 5.14.0."""
     if release(version) >= (5, 14):
@@ -78,6 +84,8 @@ def gemma4(version: str) -> dict[str, tuple[str, int]]:
         "text-only-training": text_only_training(version),
         "loss-accumulation": (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0),
         "fp16-vision-pooler": (APPLIED, 2) if release(version) < (5, 10) else (NOT_NEEDED, 0),
+        "per-layer-inputs-from-embeds": (APPLIED, 1),  # open upstream
+        "text-only-output-properties": text_only_output_properties(version, sites=4),
     }
 
 
@@ -88,6 +96,7 @@ MATRIX = {
             "rotary-buffer-order": rotary_buffer_order(version),
             "rotary-compute-order": rotary_compute_order(version),
             "text-only-training": text_only_training(version),
+            "text-only-output-properties": text_only_output_properties(version, sites=2),
         }
         for version in FAMILIES["gemma3"].releases
     },
@@ -98,6 +107,8 @@ MATRIX = {
             # 4.53.0-4.55.4 slice the cache, 4.56.0-5.5.4 keep `shared_layers` on it; 5.6.0 has `shared_kv_states`.
             "kv-sharing-without-cache": (APPLIED, 3) if release(version) < (5, 6) else (NOT_NEEDED, 0),
             "kv-sharing-fsdp2": kv_sharing_fsdp2(version),
+            "per-layer-inputs-from-embeds": (APPLIED, 1),  # open upstream
+            "text-only-output-properties": text_only_output_properties(version, sites=4),
         }
         for version in FAMILIES["gemma3n"].releases
     },
@@ -148,6 +159,8 @@ def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
         ("rotary-compute-order", "models/gemma4/modeling_gemma4.py"),  # Gemma-3 and 3n iterate a set from 5.6
         ("loss-accumulation", "models/gemma4/modeling_gemma4.py"),
         ("fp16-vision-pooler", "models/gemma4/modeling_gemma4.py"),
+        ("per-layer-inputs-from-embeds", "models/gemma4/modeling_gemma4.py"),
+        ("per-layer-inputs-from-embeds", "models/gemma3n/modeling_gemma3n.py"),
         # the training check on token types, in two families rewriter does not patch as well
         *(("text-only-training", f"models/{model}/modeling_{model}.py") for model in ("gemma3", "gemma4", "git", "paligemma")),
     }
@@ -181,8 +194,8 @@ def e2e_releases(family: str, default: str) -> list[str]:
 
 
 @pytest.mark.parametrize("version", e2e_releases("gemma4", default=FAMILIES["gemma4"].releases[-1]))
-def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
-    python = release_python(version, tmp_path / "venv", rewriter_wheel)
+def test_end_to_end_on_an_installed_release(version, tmp_path, release_env):
+    python = release_env(version)
     check = subprocess.run(
         [python, ROOT / "tests" / "release_check.py", str(tmp_path / "cache")], capture_output=True, text=True, cwd=tmp_path
     )
@@ -217,8 +230,8 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
 
 # By default one 4.x release, whose train-mode forwards build no cache: every one of them shows the bug.
 @pytest.mark.parametrize("version", e2e_releases("gemma3n", default="4.57.6"))
-def test_gemma3n_kv_sharing_end_to_end_on_an_installed_release(version, tmp_path, rewriter_wheel):
-    python = release_python(version, tmp_path / "venv", rewriter_wheel)
+def test_gemma3n_kv_sharing_end_to_end_on_an_installed_release(version, tmp_path, release_env):
+    python = release_env(version)
     check = subprocess.run(
         [python, ROOT / "tests" / "release_check_gemma3n.py", str(tmp_path / "cache")],
         capture_output=True,

@@ -1,0 +1,56 @@
+"""The bugs still open in the latest transformers release, shown there unpatched and gone patched
+(``tests/release_check_latest.py``, run in a virtual environment with that release).
+
+- text-only-output-properties (5.24.0 on): ``image_hidden_states`` / ``audio_hidden_states`` of Gemma-3, Gemma-3n
+  and Gemma-4 outputs raise ``AttributeError`` on a text-only batch; the oracle is 5.23.0, whose fields were
+  ``None`` there. With an image, the patched property still gives the pooled features.
+- per-layer-inputs-from-embeds (every release): the oracle is the ``input_ids`` path on the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from rewriter.releases import RELEASES
+from tests.conftest import ROOT
+
+LATEST = RELEASES[-1]
+
+
+@pytest.fixture(scope="module")
+def result(release_env, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("latest")
+    command = [release_env(LATEST), ROOT / "tests" / "release_check_latest.py", folder / "cache"]
+    check = subprocess.run(command, capture_output=True, text=True, cwd=folder)
+    assert check.returncode == 0, check.stderr[-3000:]
+    return json.loads(check.stdout.strip().splitlines()[-1])
+
+
+def test_the_check_ran_on_the_latest_release_from_its_shipped_entries(result):
+    assert result["transformers"] == LATEST
+    assert set(result["source"].values()) == {"shipped"}
+
+
+def test_output_properties_raise_unpatched_and_give_none_patched(result):
+    unpatched, patched = result["unpatched"]["output_properties"], result["patched"]["output_properties"]
+    assert {name.split("OutputWithPast")[0] for name in unpatched} == {
+        "Gemma3Model", "Gemma3CausalLM", "Gemma3nModel", "Gemma3nCausalLM", "Gemma4Model", "Gemma4CausalLM"
+    }
+    assert set(unpatched.values()) == {"AttributeError"}
+    assert set(patched.values()) == {None}
+    assert result["unpatched"]["forward"] == {
+        "gemma4 text-only": "AttributeError", "gemma4 image is the pooled output": True, "gemma3 text-only": "AttributeError"
+    }
+    assert result["patched"]["forward"] == {
+        "gemma4 text-only": None, "gemma4 image is the pooled output": True, "gemma3 text-only": None
+    }
+
+
+def test_inputs_embeds_give_the_logits_of_input_ids_only_patched(result):
+    unpatched, patched = result["unpatched"]["inputs_embeds"], result["patched"]["inputs_embeds"]
+    assert unpatched["gemma4 bfloat16"] == "RuntimeError" and unpatched["gemma4 float32"] == 0.0
+    assert unpatched["gemma3n float32"] > 0.1 and unpatched["gemma3n bfloat16"] > 0.1
+    assert patched == dict.fromkeys(unpatched, 0.0)
