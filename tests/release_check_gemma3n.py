@@ -21,6 +21,7 @@ import rewriter
 from release_check import definition_text  # tests/, this script's folder
 from rewriter import tiny
 from rewriter.rules.kv_sharing import SharedKVCarrierRule
+from rewriter.rules.per_layer_inputs_from_embeds import PerLayerInputsFromEmbedsRule
 from rewriter.rules.rotary import RotaryComputeOrderRule
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
@@ -111,10 +112,10 @@ def main(cache_dir: str) -> dict:
             definition_text(patched, "Gemma3nTextAttention") == definition_text(upstream, "Gemma3nTextAttention")
             and attention.__code__.co_filename == str(package / target)
         )
-        # rotary-compute-order and, until 5.8.1, kv-sharing-fsdp2 rewrite the model's forward in these releases: the
-        # model differs by their changes alone
+        # rotary-compute-order, per-layer-inputs-from-embeds and, until 5.8.1, kv-sharing-fsdp2 rewrite the model's
+        # forward in these releases: the model differs by their changes alone
         expected = libcst.parse_module(upstream)
-        for rule in (RotaryComputeOrderRule, SharedKVCarrierRule):
+        for rule in (RotaryComputeOrderRule, SharedKVCarrierRule, PerLayerInputsFromEmbedsRule):
             expected = rule().apply(expected)[0]
         model = "Gemma3nTextModel"
         unchanged[model] = definition_text(patched, model) == definition_text(expected.code, model)
