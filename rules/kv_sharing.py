@@ -42,7 +42,6 @@ BUILDS_OWN_KV_WEIGHT = assigns_self(m.Name(m.MatchIfTrue(lambda name: name in OW
 SETS_IS_KV_SHARED_LAYER = assigns_self(m.Name("is_kv_shared_layer"))
 SETS_INNER_MODEL = assigns_self(m.Name("model") | m.Name("language_model"))
 POST_INIT = m.SimpleStatementLine(body=[m.Expr(m.Call(func=m.Attribute(value=SELF, attr=m.Name("post_init"))))])
-NOT_SHARED = m.UnaryOperation(operator=m.Not(), expression=m.Attribute(value=SELF, attr=m.Name("is_kv_shared_layer")))
 
 # transformers 5.5.2's (Gemma-4) and 5.6.0's (Gemma-3n) own text, so that patched code reads as upstream's fix.
 OWN_WEIGHTS_GUARD = "\n# Layers sharing kv states don't need any weight matrices\nif not self.is_kv_shared_layer:\n    pass\n"
