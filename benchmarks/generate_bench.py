@@ -44,15 +44,16 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = (
 import torch  # noqa: E402
 
 import rewriter  # noqa: E402
-from rewriter import tiny  # noqa: E402
-from rewriter.attention import compile_attention, recompile_limit_hits  # noqa: E402
+from rewriter import testing  # noqa: E402
+from rewriter.attention import compile_attention  # noqa: E402
 from rewriter.generation import compile_decoding  # noqa: E402
+from rewriter.variants import recompile_limit_hits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe_machine  # noqa: E402
 from startup_bench import measure as measure_startup  # noqa: E402
 
-SHAPES = {"tiny": lambda: tiny.text_config(2), "e2b": tiny.e2b_text_config}
+SHAPES = {"tiny": lambda: testing.text_config(2), "e2b": testing.e2b_text_config}
 MODES = ("eager", "attention", "decode_layers", "decode_forward")
 MODELING = "transformers.models.gemma4.modeling_gemma4"
 WINDOW, DECODE_STEPS = 1024, 16
@@ -95,7 +96,7 @@ def install(mode: str):
 
 def benchmark_model(args):
     """The random-weight model of ``--shape``, the same in the run and in its warm-start child."""
-    return tiny.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
+    return testing.causal_lm(0, config=SHAPES[args.shape]()).to(args.device, getattr(torch, args.dtype))
 
 
 def prompts(model, device: str, args) -> dict[int, torch.Tensor]:
@@ -195,7 +196,7 @@ def kv_bytes(lengths: list[int]) -> dict:
     """Fill a DynamicCache built from a 31B-shaped config as a model would, and count the bytes it holds."""
     from transformers import DynamicCache
 
-    config = tiny.text_config(0, num_hidden_layers=60, layer_types=tiny.layer_pattern_31b(), sliding_window=WINDOW)
+    config = testing.text_config(0, num_hidden_layers=60, layer_types=testing.layer_pattern_31b(), sliding_window=WINDOW)
     kinds = config.layer_types
     dims = [config.head_dim if kind == "sliding_attention" else config.global_head_dim for kind in kinds]
     heads = config.num_key_value_heads
@@ -284,7 +285,7 @@ def main() -> None:
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "transformers": transformers.__version__,
         "torch": torch.__version__,
-        "cache_source": report.source,
+        "cache_origin": report.origin,
         "modes": modes,
         "over_eager": ratios,
         "slower_than_eager": [

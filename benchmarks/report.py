@@ -1,6 +1,9 @@
 """Turn benchmark JSON files into benchmarks/RESULTS.md and a PNG chart of tokens/s (matplotlib).
 
     python benchmarks/report.py benchmarks/results/*.json
+
+Everything from the heading line `## One-off measurements behind the design` to the end of the existing RESULTS.md is
+written by hand and kept as it is; only the part above it is regenerated.
 """
 
 from __future__ import annotations
@@ -11,6 +14,14 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CHART = Path(__file__).parent / "results" / "tokens_per_second.png"
+TAIL_HEADING = "## One-off measurements behind the design"
+
+
+def hand_written_tail() -> str:
+    """The existing RESULTS.md from the line `TAIL_HEADING` to its end, or "" when there is none."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    start = old.find(f"\n{TAIL_HEADING}\n")
+    return old[start + 1:] if start >= 0 else ""
 
 
 def startup_section(result: dict) -> list[str]:
@@ -192,7 +203,8 @@ def main(paths: list[str]) -> None:
     for path, result in zip(paths, results):
         lines += SECTIONS[result["benchmark"]](result)
         lines += [f"Source: `{path}`", ""]
-    RESULTS.write_text("\n".join(lines))
+    tail = hand_written_tail()
+    RESULTS.write_text("\n".join(lines) + (f"\n{tail}" if tail else ""))
 
 
 if __name__ == "__main__":

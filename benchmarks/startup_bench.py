@@ -29,7 +29,7 @@ import transformers.models.gemma4.modeling_gemma4, transformers.cache_utils
 import rewriter
 start = time.perf_counter()
 report = rewriter.compile("gemma4", cache_dir=sys.argv[1], use_shipped=sys.argv[2] == "shipped")
-print(json.dumps({"seconds": time.perf_counter() - start, "source": report.source}))
+print(json.dumps({"seconds": time.perf_counter() - start, "origin": report.origin}))
 """
 
 EVERY_FAMILY = """
@@ -41,8 +41,8 @@ import rewriter
 start = time.perf_counter()
 reports = rewriter.compile_on_import(cache_dir=sys.argv[1])
 seconds = time.perf_counter() - start
-sources = {report.source for report in reports.values()}
-print(json.dumps({"seconds": seconds, "source": sources.pop() if len(reports) == 3 and len(sources) == 1 else None}))
+origins = {report.origin for report in reports.values()}
+print(json.dumps({"seconds": seconds, "origin": origins.pop() if len(reports) == 3 and len(origins) == 1 else None}))
 """
 
 BARE_PARSE = """
@@ -52,7 +52,7 @@ texts = [open(module.__file__).read() for module in (c, g)]
 start = time.perf_counter()
 for text in texts:
     libcst.parse_module(text)
-print(json.dumps({"seconds": time.perf_counter() - start, "source": "bare_parse"}))
+print(json.dumps({"seconds": time.perf_counter() - start, "origin": "bare_parse"}))
 """
 
 LIBCST_IMPORT = """
@@ -60,10 +60,10 @@ import json, time
 import transformers.models.gemma4.modeling_gemma4
 start = time.perf_counter()
 import libcst, libcst.matchers
-print(json.dumps({"seconds": time.perf_counter() - start, "source": "libcst_import"}))
+print(json.dumps({"seconds": time.perf_counter() - start, "origin": "libcst_import"}))
 """
 
-EXPECTED_SOURCE = {"cold": "compiled", "warm": "user_cache", "shipped": "shipped", "every_family_shipped": "shipped"}
+EXPECTED_ORIGIN = {"cold": "compiled", "warm": "user_cache", "shipped": "shipped", "every_family_shipped": "shipped"}
 
 
 def run(code: str, *args: str) -> dict:
@@ -83,10 +83,10 @@ def measure(runs: int) -> dict:
         with tempfile.TemporaryDirectory() as cache:
             for mode in ("cold", "warm", "shipped"):
                 result = run(COMPILE, cache, mode)
-                assert result["source"] == EXPECTED_SOURCE[mode], (mode, result)
+                assert result["origin"] == EXPECTED_ORIGIN[mode], (mode, result)
                 timings[mode].append(result["seconds"])
             result = run(EVERY_FAMILY, cache)
-            assert result["source"] == "shipped", result
+            assert result["origin"] == "shipped", result
             timings["every_family_shipped"].append(result["seconds"])
     results = {mode: summary(seconds) for mode, seconds in timings.items()}
     parse = results["bare_parse"]["median_s"]

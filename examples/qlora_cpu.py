@@ -21,7 +21,7 @@ report = rewriter.compile("gemma4")
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import BitsAndBytesConfig, Gemma4ForCausalLM  # noqa: E402
 
-from rewriter import tiny  # noqa: E402
+from rewriter import testing  # noqa: E402
 
 QLORA_WIDTHS = dict(hidden_size=128, intermediate_size=256, head_dim=32, global_head_dim=64, hidden_size_per_layer_input=64)
 
@@ -30,7 +30,7 @@ def tiny_checkpoint() -> str:
     """A tiny Gemma-4 with two KV-shared layers; bitsandbytes on a CPU needs linears 64 wide or more."""
     folder = tempfile.mkdtemp(prefix="gemma4-tiny-")
     torch.manual_seed(0)
-    Gemma4ForCausalLM(tiny.text_config(2, **QLORA_WIDTHS)).save_pretrained(folder)
+    Gemma4ForCausalLM(testing.text_config(2, **QLORA_WIDTHS)).save_pretrained(folder)
     return folder
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"rewriter: {', '.join(f'{o.rule} {o.status}' for o in report.outcomes)}")
 
     model = load_for_qlora(args.checkpoint or tiny_checkpoint())
-    batch = tiny.input_ids(batch=2, length=16)
+    batch = testing.input_ids(batch=2, length=16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(args.steps):

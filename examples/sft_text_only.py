@@ -36,7 +36,7 @@ from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from rewriter import tiny  # noqa: E402
+from rewriter import testing  # noqa: E402
 
 
 def model_and_tokenizer():
@@ -44,11 +44,11 @@ def model_and_tokenizer():
         model = AutoModelForImageTextToText.from_pretrained(args.checkpoint)
         return model, AutoTokenizer.from_pretrained(args.checkpoint)
     if args.family == "gemma4":
-        config = tiny.vision_config(use_bidirectional_attention="vision")  # as Gemma-4 31B and 26B-A4B
+        config = testing.vision_config(use_bidirectional_attention="vision")  # as Gemma-4 31B and 26B-A4B
     else:
-        config = tiny.gemma3_vision_config()
+        config = testing.gemma3_vision_config()
     torch.manual_seed(0)
-    return AutoModelForImageTextToText.from_config(config), tiny.word_tokenizer()
+    return AutoModelForImageTextToText.from_config(config), testing.word_tokenizer()
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
     )
     text_attention = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=text_attention)
-    dataset = Dataset.from_dict({"text": tiny.sentences(16)})  # your dataset: a "text" column, or chat "messages"
+    dataset = Dataset.from_dict({"text": testing.sentences(16)})  # your dataset: a "text" column, or chat "messages"
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     if trainer.is_world_process_zero():
         print(f"rewriter: {', '.join(f'{o.rule} {o.status}' for o in report.outcomes)}")

@@ -2,53 +2,48 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import importlib.util
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-import platformdirs
 
 from rewriter import install as installer
 from rewriter import onimport
-from rewriter.cache import CacheDir, Entry, check_trusted, entry_key, sha256
+from rewriter.build import entry_key, find_or_build
 from rewriter.families import FAMILIES, Family, get_family, installed_transformers, module_name, read_sources
-from rewriter.report import CompileReport, RuleDriftError, RuleOutcome, drift_message
+from rewriter.report import CompileReport, RuleDriftError, drift_message
 
 if TYPE_CHECKING:
     from rewriter.attention import CompiledAttention
     from rewriter.generation import CompiledDecoding
 
 logger = logging.getLogger("rewriter")
-_warned: set[str] = set()
 
 
 @dataclass
-class _Active:
+class _Installation:
+    """What ``compile`` installed for one family: its report, the patched texts, each installed patch, and compiled
+    attention or decoding where asked for."""
+
     report: CompileReport
     texts: dict[str, str]
-    installed: list[installer.Installed]
+    patches: list[installer.Installed]
     attention: CompiledAttention | None = None
     decoding: CompiledDecoding | None = None
 
-    def set_attention(self, spec: Family, compiled: bool) -> None:
+    def set_attention(self, family: Family, compiled: bool) -> None:
         """Turn compiled attention on or off; the report says which, and why when it stays eager."""
         if compiled and self.attention is None:
             from rewriter.attention import compile_attention  # imports torch
 
-            self.attention, status = compile_attention(module_name(spec.attention[0]), spec.attention[1])
+            self.attention, status = compile_attention(module_name(family.attention[0]), family.attention[1])
             self.report = replace(self.report, attention=status)
         elif not compiled and self.attention is not None:
             self.attention.uninstall()
             self.attention = None
             self.report = replace(self.report, attention="eager")
 
-    def set_decoding(self, spec: Family, unit: str | None) -> None:
+    def set_decoding(self, family: Family, unit: str | None) -> None:
         """Compile decode steps by ``unit`` ("forward", "layers") or not at all (``None``); the report says which."""
         if self.decoding is not None and self.decoding.unit != unit:
             self.decoding.uninstall()
@@ -57,11 +52,11 @@ class _Active:
         if unit is not None and self.decoding is None:
             from rewriter.generation import compile_decoding  # imports torch
 
-            self.decoding, status = compile_decoding(spec.name, module_name(spec.attention[0]), unit)
+            self.decoding, status = compile_decoding(family.name, module_name(family.attention[0]), unit)
             self.report = replace(self.report, decode=status)
 
 
-_active: dict[str, _Active] = {}
+_installed: dict[str, _Installation] = {}
 
 
 def compile(
@@ -86,41 +81,41 @@ def compile(
     ``generate`` use a static cache and compiles each decode step as whole graphs (``rewriter.generation``);
     ``report.decode`` says which, or why it stays eager.
     """
-    spec = get_family(family)
-    if (compile_attention or compile_decode) and spec.attention is None:
-        raise ValueError(f"{spec.name} has no compiled attention; families with one: {', '.join(_with_attention())}")
+    family = get_family(family)
+    if (compile_attention or compile_decode) and family.attention is None:
+        raise ValueError(f"{family.name} has no compiled attention; families with one: {', '.join(_with_attention())}")
     _check_decode_unit(compile_decode, compile_attention)
-    version, package = installed_transformers(spec)
-    sources = read_sources(spec, package)
-    components = key_components(spec, sources)
-    key = entry_key(components)
-    active = _active.get(spec.name)
-    if active is not None and active.report.key == key:
-        _check_drift(active.report, strict)
-        active.set_attention(spec, compile_attention)
-        active.set_decoding(spec, compile_decode)
-        return active.report
+    version, package = installed_transformers(family)
+    sources = read_sources(family, package)
+    key, components = entry_key(family, sources)
+    installation = _installed.get(family.name)
+    if installation is not None and installation.report.key == key:
+        _check_drift(installation.report, strict)
+        installation.set_attention(family, compile_attention)
+        installation.set_decoding(family, compile_decode)
+        return installation.report
 
-    entry, where = _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped)
-    report = CompileReport(spec.name, version, key, where, str(entry.manifest) if entry.manifest else None, entry.outcomes)
+    entry, origin = find_or_build(family, version, sources, key, components, cache_dir, use_shipped=use_shipped)
+    manifest = str(entry.manifest) if entry.manifest else None
+    report = CompileReport(family.name, version, key, origin, manifest, entry.outcomes)
     _check_drift(report, strict)
 
-    for required in spec.requires:
-        if required not in _active:
+    for required in family.requires:
+        if required not in _installed:
             compile_on_import(required, cache_dir=cache_dir, strict=strict, use_shipped=use_shipped)
-    restore(spec.name)
-    active = _Active(report, entry.texts, [])
+    restore(family.name)
+    installation = _Installation(report, entry.texts, [])
     try:
         for target, patch in entry.patches.items():
             filename = f"<rewriter {key[:12]} transformers/{target}>"
-            active.installed.append(installer.install(patch, entry.texts[target], filename))
+            installation.patches.append(installer.install(patch, entry.texts[target], filename))
     except BaseException:
-        _uninstall(spec.name, active)
+        _uninstall(family.name, installation)
         raise
-    _active[spec.name] = active
-    active.set_attention(spec, compile_attention)
-    active.set_decoding(spec, compile_decode)
-    return active.report
+    _installed[family.name] = installation
+    installation.set_attention(family, compile_attention)
+    installation.set_decoding(family, compile_decode)
+    return installation.report
 
 
 def compile_on_import(*families: str, **options) -> dict[str, CompileReport]:
@@ -131,137 +126,57 @@ def compile_on_import(*families: str, **options) -> dict[str, CompileReport]:
     the import returns, so no model is built unpatched; a family whose module is never imported costs nothing.
     Errors (drift under ``strict``, an unsupported transformers) surface from that import.
     """
-    specs = [get_family(name) for name in families or FAMILIES]
-    for spec in specs:
-        onimport.when_imported(spec.modeling_module, spec.name, lambda name=spec.name: compile(name, **options))
-    return {spec.name: _active[spec.name].report for spec in specs if spec.name in _active}
+    chosen = [get_family(name) for name in families or FAMILIES]
+    for family in chosen:
+        onimport.when_imported(family.modeling_module, family.name, lambda name=family.name: compile(name, **options))
+    return {family.name: _installed[family.name].report for family in chosen if family.name in _installed}
 
 
 def compiled(family: str) -> CompileReport | None:
     """The report of ``family``'s installed patch, or ``None`` while it is not installed."""
-    active = _active.get(get_family(family).name)
-    return active.report if active is not None else None
+    installation = _installed.get(get_family(family).name)
+    return installation.report if installation is not None else None
 
 
 def patched_source(family: str, target: str) -> str | None:
     """The text of ``target`` (a file ``family`` patches, relative to the transformers package) as it now runs:
     patched, or upstream's where no rule changed it; ``None`` while the family is not compiled."""
-    active = _active.get(get_family(family).name)
-    return active.texts[target] if active is not None else None
+    installation = _installed.get(get_family(family).name)
+    return installation.texts[target] if installation is not None else None
 
 
 def restore(family: str) -> bool:
     """Put back the original code of ``family``'s classes and stop patching it on import; ``False`` if nothing
     was installed."""
-    spec = get_family(family)
-    active = _active.pop(spec.name, None)
-    _uninstall(spec.name, active)
-    return active is not None
+    family = get_family(family)
+    installation = _installed.pop(family.name, None)
+    _uninstall(family.name, installation)
+    return installation is not None
 
 
-def _uninstall(family: str, active: _Active | None) -> None:
-    """Forget ``family``'s import hooks, and put back what ``active`` installed."""
+def _uninstall(family: str, installation: _Installation | None) -> None:
+    """Forget ``family``'s import hooks, and put back what ``installation`` installed."""
     onimport.forget(family)
-    if active is None:
+    if installation is None:
         return
-    if active.attention is not None:
-        active.attention.uninstall()
-    if active.decoding is not None:
-        active.decoding.uninstall()
-    for installed in reversed(active.installed):
+    if installation.attention is not None:
+        installation.attention.uninstall()
+    if installation.decoding is not None:
+        installation.decoding.uninstall()
+    for installed in reversed(installation.patches):
         installer.uninstall(installed)
 
 
 def attention_graphs(family: str) -> list[dict]:
     """The compiled attention variants of ``family``, why each exists, and their graph counts (none when eager)."""
-    active = _active.get(get_family(family).name)
-    return active.attention.graphs() if active is not None and active.attention is not None else []
+    installation = _installed.get(get_family(family).name)
+    return installation.attention.graphs() if installation is not None and installation.attention is not None else []
 
 
 def decode_graphs(family: str) -> list[dict]:
     """The compiled decoding variants of ``family``, why each exists, and their graph counts (none when eager)."""
-    active = _active.get(get_family(family).name)
-    return active.decoding.graphs() if active is not None and active.decoding is not None else []
-
-
-def build(spec: Family, sources: dict[str, str]) -> tuple[dict[str, str], tuple[RuleOutcome, ...], dict]:
-    """Run the rules (LibCST), validate their output, and plan how each patched module installs."""
-    from rewriter.engine import rewrite, validate
-
-    with _collector_paused():
-        patched, outcomes = rewrite(spec, sources)
-        trees = {target: validate(text, target) for target, text in patched.items()}
-        patches = {
-            target: installer.plan(module_name(target), sources[target], patched[target], trees[target])
-            for target in spec.targets
-            if patched[target] != sources[target]
-        }
-    return patched, outcomes, patches
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector: the trees LibCST and ``ast`` build are acyclic (freed without it),
-    and they allocate enough to set off full collections, each walking every object torch and transformers keep
-    (about 0.2 s here, twice per cold compile). Cycles made meanwhile are collected once it runs again."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def key_components(spec: Family, sources: dict[str, str]) -> dict:
-    """Everything that decides an entry's content: the sources, and the code that rewrites them."""
-    from rewriter import __version__
-
-    return {
-        "rewriter": __version__,
-        "family": spec.name,
-        "sources": {target: sha256(text) for target, text in sources.items()},
-        "code": {path.name: sha256(path.read_bytes()) for path in spec.code_files()},
-    }
-
-
-def shipped_cache() -> CacheDir:
-    # resolved: in a source checkout the package is a symlink to the top-level compiled_cache/
-    return CacheDir(Path(importlib.util.find_spec("rewriter.compiled_cache").origin).resolve().parent, shipped=True)
-
-
-def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
-    """``cache_dir``, else ``$REWRITER_CACHE_DIR`` (empty counts as unset), else the user cache folder. A relative
-    folder is taken from the current directory; an empty ``cache_dir`` is refused rather than guessed."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("REWRITER_CACHE_DIR") or platformdirs.user_cache_dir("rewriter")
-    elif not os.fspath(cache_dir):
-        raise ValueError("cache_dir is empty: pass None for the default cache folder, or '.' for the current one")
-    return CacheDir(cache_dir)
-
-
-def _find_or_build(spec, version, sources, components, key, cache_dir, use_shipped) -> tuple[Entry, str]:
-    user = user_cache(cache_dir)
-    if use_shipped and not os.environ.get("REWRITER_NO_SHIPPED"):
-        entry = shipped_cache().load(key, sources)
-        if entry is not None:
-            return entry, "shipped"
-    try:
-        if user.root.exists():
-            check_trusted(user.root)
-    except OSError as error:
-        _warn_once(str(user.root), f"rewriter: not using cache folder {user.root} ({error}); compiling in memory")
-        return Entry(None, *build(spec, sources)), "memory"
-    with user.lock(key):
-        entry = user.load(key, sources)
-        if entry is not None:
-            return entry, "user_cache"
-        texts, outcomes, patches = build(spec, sources)
-        try:
-            return user.store(key, sources, texts, outcomes, patches, components, release=version), "compiled"
-        except OSError as error:
-            _warn_once(str(user.root), f"rewriter: not storing the entry in {user.root}: {error}; compiling in memory")
-            return Entry(None, texts, outcomes, patches), "memory"
+    installation = _installed.get(get_family(family).name)
+    return installation.decoding.graphs() if installation is not None and installation.decoding is not None else []
 
 
 def _check_decode_unit(unit: str | None, compile_attention: bool) -> None:
@@ -276,13 +191,7 @@ def _check_decode_unit(unit: str | None, compile_attention: bool) -> None:
 
 
 def _with_attention() -> list[str]:
-    return [name for name, spec in FAMILIES.items() if spec.attention is not None]
-
-
-def _warn_once(what: str, message: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        logger.warning(message)
+    return [name for name, family in FAMILIES.items() if family.attention is not None]
 
 
 def _check_drift(report: CompileReport, strict: bool) -> None:

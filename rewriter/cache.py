@@ -1,17 +1,6 @@
-"""Content-addressed cache entries of patches, safe to share between processes and to ship in a wheel.
-
-A cache folder is flat. An entry is ``<key>.json``, its manifest: the sha256 of every source file and of every
-patched file, the rules' outcomes and the install plans. What the rules changed in a file is a unified diff against
-the upstream file, stored once as ``<sha256 of the diff>.diff`` and shared by every entry (every release) with the
-same change. The patched text is rebuilt from the installed source and the diff, and must hash to the manifest's
-sha256 before anything runs.
-
-A writer writes each file under a private name and renames it into place, so a file is whole or absent, and a
-rename never writes through a symlink. A reader trusts an entry only when its manifest names the key, its
-components hash to that key, its digest covers the rest of it, its outcomes and install plans have the shape rewriter
-writes, every diff matches its name and applies exactly, and every patched text matches its sha256; in a user's
-cache the folder and files must also be the user's (or root's), writable by nobody else, and no symlinks. Every
-failure to read or write is a logged miss, never a crash.
+"""Content-addressed cache entries of patches, checked on every read, safe to share between processes and to ship
+in a wheel: an entry is a manifest (``<key>.json``) and the unified diffs (``<sha256>.diff``) of the files it
+changes. Format and trust model: docs/cache.md.
 """
 
 from __future__ import annotations
@@ -20,6 +9,7 @@ import contextlib
 import difflib
 import errno
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -34,6 +24,8 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import get_args
+
+import platformdirs
 
 from rewriter.families import module_name
 from rewriter.install import ModulePatch
@@ -51,8 +43,9 @@ def sha256(data: str | bytes) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def entry_key(components: dict) -> str:
-    """A sha256 over every input that decides an entry's output; nothing that only describes the machine."""
+def components_key(components: dict) -> str:
+    """An entry's key: a sha256 over every input that decides its output (its components, made by
+    ``rewriter.build.entry_key``); nothing that only describes the machine."""
     return sha256(json.dumps({"schema": SCHEMA, **components}, sort_keys=True))
 
 
@@ -305,13 +298,46 @@ class CacheDir:
         return len(keys)
 
 
+def shipped_cache() -> CacheDir:
+    """The entries shipped in the package, ``rewriter/compiled_cache``."""
+    # resolved: in a source checkout the package is a symlink to the top-level compiled_cache/
+    return CacheDir(Path(importlib.util.find_spec("rewriter.compiled_cache").origin).resolve().parent, shipped=True)
+
+
+def user_cache(cache_dir: str | os.PathLike | None = None) -> CacheDir:
+    """``cache_dir``, else ``$REWRITER_CACHE_DIR`` (empty counts as unset), else the user cache folder. A relative
+    folder is taken from the current directory; an empty ``cache_dir`` is refused rather than guessed."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("REWRITER_CACHE_DIR") or platformdirs.user_cache_dir("rewriter")
+    elif not os.fspath(cache_dir):
+        raise ValueError("cache_dir is empty: pass None for the default cache folder, or '.' for the current one")
+    return CacheDir(cache_dir)
+
+
+def caches(cache_dir: str | os.PathLike | None = None, *, use_shipped: bool = True) -> dict[str, CacheDir]:
+    """The caches entries are looked up in, in order, by where an entry found there comes from: the shipped one
+    (unless ``use_shipped=False`` or ``$REWRITER_NO_SHIPPED`` is set), then the user's (``user_cache``)."""
+    found = {"shipped": shipped_cache()} if use_shipped and not os.environ.get("REWRITER_NO_SHIPPED") else {}
+    return {**found, "user_cache": user_cache(cache_dir)}
+
+
+def lookup(key: str, sources: dict[str, str], cache_dir=None, *, use_shipped: bool = True) -> tuple[Entry, str] | None:
+    """The entry ``key`` for ``sources`` from the first of ``caches`` that holds a good one, and that cache's
+    name; ``None`` on a miss (a bad entry is a logged miss)."""
+    for name, cache in caches(cache_dir, use_shipped=use_shipped).items():
+        entry = cache.load(key, sources)
+        if entry is not None:
+            return entry, name
+    return None
+
+
 def _checked_manifest(manifest, key: str):
     """The files, outcomes, install plans and diff names of a manifest; ``ValueError`` unless it is one rewriter
     wrote for ``key``, unedited."""
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or manifest.get("key") != key:
         raise ValueError(f"the manifest does not describe this key with schema {SCHEMA}")
     components = manifest.get("components")
-    if not isinstance(components, dict) or entry_key(components) != key:
+    if not isinstance(components, dict) or components_key(components) != key:
         raise ValueError("the manifest's key components do not hash to this key")
     if manifest.get("digest") != manifest_digest(manifest):
         raise ValueError("the manifest was edited: its digest does not match its content")

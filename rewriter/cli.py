@@ -21,15 +21,13 @@ from rich.table import Table
 
 from rewriter.releases import FetchError
 from rewriter.report import (
-    CompileReport,
     RewriterError,
     RuleDriftError,
-    RuleOutcome,
     SourceSyntaxError,
     UnsupportedTransformersError,
 )
+from rewriter.tables import outcomes_table, releases_table, report_table
 
-STATUS_STYLE = {"applied": "green", "not_needed": "cyan", "drift": "bold red"}
 # The kind of each error the command line reports, and its exit code; the first matching class wins.
 ERRORS = (
     (RuleDriftError, "drift", 1),
@@ -40,21 +38,6 @@ ERRORS = (
     (ValueError, "usage", 2),
     (OSError, "file", 4),
 )
-
-
-def report_table(report: CompileReport) -> Table:
-    title = f"rewriter {report.family}: transformers {report.transformers_version}, from {report.source}"
-    return outcomes_table(title, report.outcomes)
-
-
-def outcomes_table(title: str, outcomes: tuple[RuleOutcome, ...]) -> Table:
-    table = Table(title=title)
-    for column in ("rule", "file", "status", "sites", "detail"):
-        table.add_column(column)
-    for outcome in outcomes:
-        style = STATUS_STYLE[outcome.status]
-        table.add_row(outcome.rule, outcome.file, f"[{style}]{outcome.status}[/]", str(outcome.sites), outcome.detail)
-    return table
 
 
 def compile_command(args, console: Console) -> int:
@@ -77,18 +60,17 @@ def compile_command(args, console: Console) -> int:
 
 
 def diff_command(args, console: Console) -> int:
-    """What the rules change, as unified diffs: those of the shipped (else the user's) cache entry for these sources,
-    exactly as stored, or those of a fresh rewrite when neither cache holds one."""
-    from rewriter.api import key_components, shipped_cache, user_cache
-    from rewriter.cache import entry_key, unified_diff
+    """What the rules change, as unified diffs: those of the cache entry for these sources (``lookup``: the shipped
+    cache, then the user's), exactly as stored, or those of a fresh rewrite when no cache holds one."""
+    from rewriter.build import entry_key
+    from rewriter.cache import lookup, unified_diff
     from rewriter.families import get_family, read_sources
 
     family = get_family(args.family)
     sources = read_sources(family, transformers_folder(family, args.source_dir))
-    key = entry_key(key_components(family, sources))
-    entry = shipped_cache().load(key, sources) or user_cache(args.cache_dir).load(key, sources)
-    if entry is not None:
-        diffs, outcomes = entry.diffs, entry.outcomes
+    found = lookup(entry_key(family, sources)[0], sources, args.cache_dir)
+    if found is not None:
+        diffs, outcomes = found[0].diffs, found[0].outcomes
     else:
         _, patched, outcomes = rewrite_folder(family, args.source_dir)
         changed = [target for target in family.targets if patched[target] != sources[target]]
@@ -145,13 +127,14 @@ def transformers_folder(family, source_dir: str | None) -> Path:
 
 
 def cache_command(args, console: Console) -> int:
-    from rewriter.api import key_components, shipped_cache, user_cache
-    from rewriter.cache import entry_key
+    from rewriter.build import entry_key
+    from rewriter.cache import caches
     from rewriter.families import FAMILIES, installed_version, read_sources
 
-    locations = {"shipped": shipped_cache(), "user": user_cache(args.cache_dir)}
+    locations = caches(args.cache_dir)  # as compile reads them
     if args.action == "clear":
-        console.print(f"removed {locations['user'].clear()} entries from {locations['user'].root}")
+        user = locations["user_cache"]
+        console.print(f"removed {user.clear()} entries from {user.root}")
         return 0
     installed = {}  # key of each family's entry for these sources -> (family, its sources)
     for family in FAMILIES.values():
@@ -159,7 +142,7 @@ def cache_command(args, console: Console) -> int:
             sources = read_sources(family, transformers_folder(family, args.source_dir))
         except RewriterError:  # not this family's release, or not its files
             continue
-        installed[entry_key(key_components(family, sources))] = family, sources
+        installed[entry_key(family, sources)[0]] = family, sources
     if args.action == "verify":
         return verify_caches(locations, installed, args.deep, console)
     if args.json:
@@ -183,7 +166,7 @@ def cache_command(args, console: Console) -> int:
 def verify_caches(locations: dict, installed: dict, deep: bool, console: Console) -> int:
     """Check every entry, the patched texts of those in ``installed`` (``{key: (family, sources)}`` of the
     installed release) too; with ``deep``, also rebuild those and compare them byte for byte."""
-    from rewriter.prebuild import compare_with_rebuild
+    from rewriter.build import compare_with_rebuild
 
     checked = bad = rebuilt = 0
     for name, cache in locations.items():
@@ -205,7 +188,7 @@ def verify_caches(locations: dict, installed: dict, deep: bool, console: Console
 
 
 def prebuild_command(args, console: Console) -> int:
-    from rewriter.api import shipped_cache
+    from rewriter.cache import shipped_cache
     from rewriter.prebuild import plan, prebuild
 
     out = Path(args.out) if args.out else shipped_cache().root
@@ -220,7 +203,8 @@ def releases_command(args, console: Console) -> int:
     ``--add``, unless a rule drifted, they join the list (``rewriter/releases.txt``) and get shipped entries."""
     from packaging.version import Version
 
-    from rewriter.api import build, shipped_cache
+    from rewriter.build import build
+    from rewriter.cache import shipped_cache
     from rewriter.families import FAMILIES
     from rewriter.prebuild import prebuild
     from rewriter.releases import RELEASES, add_releases, fetch_wheel, pypi_releases, wheel_sources
@@ -237,13 +221,7 @@ def releases_command(args, console: Console) -> int:
     if args.json:
         print(json.dumps([{"release": version, "family": name, **asdict(o)} for version, name, o in rows], indent=2))
     else:
-        table = Table(title=f"rules on transformers {', '.join(versions) or '(no newer release on PyPI)'}")
-        for column in ("release", "family", "rule", "status", "sites", "detail"):
-            table.add_column(column)
-        for version, name, o in rows:
-            status = f"[{STATUS_STYLE[o.status]}]{o.status}[/]"
-            table.add_row(version, name, o.rule, status, str(o.sites), escape(o.detail))
-        console.print(table)
+        console.print(releases_table(f"rules on transformers {', '.join(versions) or '(no newer release on PyPI)'}", rows))
     if args.add and versions and not drifted:
         add_releases([version for version in versions if version not in RELEASES])
         for family, release, key, _ in prebuild(shipped_cache().root, versions):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rewriter import tiny
+from rewriter import testing
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Check:
 
 def static_cache_generate() -> tuple[bool, str]:
     """Bug 1, StaticCache: ``num_kv_shared_layers=0`` builds a cache with no layers and ``generate`` crashes."""
-    model, ids = tiny.causal_lm(0), tiny.input_ids()
+    model, ids = testing.causal_lm(0), testing.input_ids()
     try:
         static = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
     except IndexError as error:
@@ -36,7 +36,7 @@ def dynamic_cache_layers() -> tuple[bool, str]:
     """Bug 1, DynamicCache: no layers are built, so sliding layers fall back to keeping every position."""
     from transformers import DynamicCache
 
-    model, ids = tiny.causal_lm(0), tiny.input_ids(length=16)
+    model, ids = testing.causal_lm(0), testing.input_ids(length=16)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache)
@@ -48,7 +48,7 @@ def dynamic_cache_layers() -> tuple[bool, str]:
 
 def use_cache_parity() -> tuple[bool, str]:
     """Bug 2: KV-shared layers give other logits with ``use_cache=False`` than with a cache."""
-    model, ids = tiny.causal_lm(2), tiny.input_ids()
+    model, ids = testing.causal_lm(2), testing.input_ids()
     with torch.no_grad():
         cached = model(ids, use_cache=True).logits
         uncached = model(ids, use_cache=False).logits
@@ -63,9 +63,9 @@ def packed_input_proj() -> tuple[bool, str]:
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(0)
-    model = Gemma4ForConditionalGeneration(tiny.vision_config()).eval()
+    model = Gemma4ForConditionalGeneration(testing.vision_config()).eval()
     embedder = model.model.vision_tower.patch_embedder
-    pixels, positions = tiny.image_patches()
+    pixels, positions = testing.image_patches()
     packed, state = quantize_4bit(embedder.input_proj.weight.detach().to(torch.bfloat16))
     reference = F.linear((2 * (pixels - 0.5)).to(torch.bfloat16), dequantize_4bit(packed, state))
     embedder.input_proj.weight = Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
@@ -82,7 +82,7 @@ def packed_input_proj() -> tuple[bool, str]:
 def inputs_embeds_bfloat16() -> tuple[bool, str]:
     """per-layer-inputs-from-embeds: bfloat16 ``inputs_embeds`` alone find no token (and every vector is compared
     with the whole vocabulary at once)."""
-    model, ids = tiny.per_layer_inputs_model("gemma4", torch.bfloat16), tiny.input_ids()
+    model, ids = testing.per_layer_inputs_model("gemma4", torch.bfloat16), testing.input_ids()
     with torch.no_grad():
         by_ids = model(input_ids=ids).logits
         try:
@@ -107,10 +107,10 @@ def text_only_image_hidden_states() -> tuple[bool, str]:
 ROTARY_ORDER = """
 import sys
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 if sys.argv[1] == "patched":
     rewriter.compile("gemma4")
-names = [name.split(".")[-1] for name, _ in tiny.causal_lm(2).named_buffers() if name.endswith("attention_inv_freq")]
+names = [name.split(".")[-1] for name, _ in testing.causal_lm(2).named_buffers() if name.endswith("attention_inv_freq")]
 print(", ".join(name.removesuffix("_attention_inv_freq") for name in names))
 """
 
@@ -160,9 +160,10 @@ def checks() -> tuple[Check, ...]:
 
 def run(console) -> bool:
     """Print the report and the before/after table; ``True`` when every bug is shown fixed."""
-    import rewriter
-    from rewriter.cli import report_table
     from rich.table import Table
+
+    import rewriter
+    from rewriter.tables import report_table
 
     shown = checks()
     before = [check.run() for check in shown]

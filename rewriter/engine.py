@@ -86,7 +86,7 @@ def _text(part: str | cst.Module) -> str:
 def scan(package: Path) -> list[RuleOutcome]:
     """Every rule of every family on every modeling file (and ``cache_utils.py``) of a transformers folder: the
     ``applied`` outcomes, which name each file where a known buggy shape appears, patched by rewriter or not."""
-    rules = dict.fromkeys(rule for spec in FAMILIES.values() for _, rule in spec.rules())
+    rules = dict.fromkeys(rule for family in FAMILIES.values() for _, rule in family.rules())
     found = []
     for path in [package / "cache_utils.py", *sorted(package.glob("models/*/modeling_*.py"))]:
         text = path.read_text(encoding="utf-8")

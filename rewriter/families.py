@@ -65,12 +65,19 @@ def _load(rule: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-ROTARY_BUFFER_ORDER = "rewriter.rules.rotary:RotaryBufferOrderRule"
-ROTARY_COMPUTE_ORDER = "rewriter.rules.rotary:RotaryComputeOrderRule"
-TEXT_ONLY_TRAINING = "rewriter.rules.token_types:TextOnlyTrainingRule"
-KV_SHARING_FSDP2 = "rewriter.rules.kv_sharing:SharedKVCarrierRule"  # after a model's kv-sharing-without-cache
+KV_SHARED_SLICE = "rewriter.rules.kv_shared_slice:KVSharedSliceRule"
+GEMMA4_KV_SHARING_WITHOUT_CACHE = "rewriter.rules.kv_sharing_without_cache:Gemma4KVSharingWithoutCacheRule"
+GEMMA3N_KV_SHARING_WITHOUT_CACHE = "rewriter.rules.kv_sharing_without_cache:Gemma3nKVSharingWithoutCacheRule"
+KV_SHARING_FSDP2 = "rewriter.rules.kv_sharing_fsdp2:KVSharingFSDP2Rule"  # after a model's kv-sharing-without-cache
+INPUT_PROJ_DEQUANT = "rewriter.rules.input_proj_dequant:InputProjDequantRule"
+ROTARY_BUFFER_ORDER = "rewriter.rules.rotary_buffer_order:RotaryBufferOrderRule"
+ROTARY_COMPUTE_ORDER = "rewriter.rules.rotary_compute_order:RotaryComputeOrderRule"
+TEXT_ONLY_TRAINING = "rewriter.rules.text_only_training:TextOnlyTrainingRule"
+LOSS_ACCUMULATION = "rewriter.rules.loss_accumulation:LossAccumulationRule"
+FP16_VISION_POOLER = "rewriter.rules.fp16_vision_pooler:FP16VisionPoolerRule"
 PER_LAYER_INPUTS_FROM_EMBEDS = "rewriter.rules.per_layer_inputs_from_embeds:PerLayerInputsFromEmbedsRule"
 TEXT_ONLY_OUTPUT_PROPERTIES = "rewriter.rules.text_only_output_properties:TextOnlyOutputPropertiesRule"
+ACCUMULATION_DOUBLE_DIVISION = "rewriter.rules.accumulation_double_division:AccumulationDoubleDivisionRule"
 FAMILIES = {
     "gemma3": Family(
         name="gemma3",
@@ -92,7 +99,7 @@ FAMILIES = {
             "models/gemma3n/modeling_gemma3n.py": (
                 ROTARY_BUFFER_ORDER,
                 ROTARY_COMPUTE_ORDER,
-                "rewriter.rules.gemma3n:KVSharingWithoutCacheRule",
+                GEMMA3N_KV_SHARING_WITHOUT_CACHE,
                 KV_SHARING_FSDP2,
                 PER_LAYER_INPUTS_FROM_EMBEDS,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
@@ -104,16 +111,16 @@ FAMILIES = {
         name="gemma4",
         supported=">=5.5,<6",
         files={
-            "cache_utils.py": ("rewriter.rules.gemma4:KVSharedSliceRule",),
+            "cache_utils.py": (KV_SHARED_SLICE,),
             "models/gemma4/modeling_gemma4.py": (
-                "rewriter.rules.gemma4:KVSharingWithoutCacheRule",
+                GEMMA4_KV_SHARING_WITHOUT_CACHE,
                 KV_SHARING_FSDP2,
-                "rewriter.rules.gemma4:InputProjDequantRule",
+                INPUT_PROJ_DEQUANT,
                 ROTARY_BUFFER_ORDER,
                 ROTARY_COMPUTE_ORDER,
                 TEXT_ONLY_TRAINING,
-                "rewriter.rules.gemma4:LossAccumulationRule",
-                "rewriter.rules.gemma4:VisionPoolerFloat16Rule",
+                LOSS_ACCUMULATION,
+                FP16_VISION_POOLER,
                 PER_LAYER_INPUTS_FROM_EMBEDS,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
             ),
@@ -125,7 +132,7 @@ FAMILIES = {
     "trainer": Family(
         name="trainer",
         supported=">=4.53,<6",
-        files={"trainer.py": ("rewriter.rules.trainer:AccumulationDoubleDivisionRule",)},
+        files={"trainer.py": (ACCUMULATION_DOUBLE_DIVISION,)},
     ),
 }
 

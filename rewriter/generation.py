@@ -1,54 +1,5 @@
-"""Optional compiled decoding: ``generate`` gets a static cache, and each decode step runs as compiled graphs.
-
-Compiling attention alone pays dynamo's call and guard overhead at every layer and fuses little. Here a decode
-step on a ``StaticCache`` (fixed shapes) runs one of two units, each a copy of the code object with a recompile
-budget of its own, compiled with ``fullgraph=True`` (no graph breaks):
-
-- ``"forward"``: the whole forward that ``generate`` calls (``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration``),
-  one graph per model class and batch size: masks, rotary, every layer, the final norm, the LM head and its
-  softcap fused, one guard check per token. ``generate`` builds a static cache's 4D masks in Python before each
-  step; here it passes the 2D mask padded to the cache's length instead, and the graph builds the masks (tiny
-  shape: 1.53 ms a token instead of 2.55 ms). The fastest; compile time grows with the number of layers.
-- ``"layers"`` (regional compilation): the whole decoder layer, one graph per *variant*, shared by every layer of
-  its kind (sliding, full) and role in KV sharing (own K/V, stores shared K/V, reads shared K/V). A layer reaches
-  the cache through a one-layer view, so its graph does not depend on its index: an E2B-shaped model (35 layers)
-  compiles 6 graphs per batch size, not 35. Compile time stays flat with depth; the guard check on every layer
-  call costs part of the gain.
-
-At these widths a decode step spends more time around its kernels than in them, so inductor is told to drop what
-only adds work per call: ``size_asserts`` (dynamo's guards already check every input's sizes and strides) and the
-Python wrapper (``cpp_wrapper``: the graph calls its kernels from C++, not from generated Python). The whole
-forward's C++ wrapper is built apart from its kernels (``cpp_wrapper_build_separate``, the entry at -O1): built with
-them, as one translation unit that g++ builds on one core, it took an E2B-shaped first ``generate`` from 42 s to
-110 s (an AMD EPYC machine); apart, 85 s against 100 s with the Python wrapper, and 4.65x eager instead of 3.47x
-(an Intel Xeon, one script). A layer's graph is small and builds in seconds either way.
-
-Dynamo checks its guards before every call of a graph, and at these widths the check of a layer graph cost a
-sixth of the call (some 550 guard nodes). A decode step drops the guards on what is fixed for one model
-(``decode_guards``): the Python values read through the module (its config's sizes, epsilons and flags) and the
-globals the code calls. It keeps those on what the step is called with (hidden states, masks, the cache), on
-ambient state (grad mode, autocast, default dtype), on every tensor (parameters included: a resized, cast or moved
-weight gets a graph of its own) and on the module tree's structure (module types, attributes set on an instance,
-each hook dict and the hooks in it: their code, arguments and closures, though not the globals they read), so a
-swapped or quantized module or a hook registered later gets a graph of its own too, and a removed hook's graph
-stops matching (dynamo skips hook guards by default, ``skip_nnmodule_hook_guards``, and ran such a hook's layer
-without it: off while installed). Hooks that differ per layer give each layer a graph; past dynamo's recompile
-limit decoding runs eager, with a warning. Dynamo guards no global module hook (``register_module_forward_hook``):
-while one is registered, decoding runs eager.
-Each model's config (and attention implementation) gets variants of its own, so no graph of one model runs for
-another whose values differ.
-
-Each call of a ``torch.compile``'d function runs its wrapper, some forty lines of Python (stance, tracing and export
-checks, dispatch-key and functorch state saved and put back) around dynamo's frame hook, which checks the guards in
-C and runs the graph: at 35 layer calls a step, that wrapper cost the E2B-shaped ``"layers"`` a sixth of its decode
-speed. A decode step calls the copy through the frame hook alone (``direct_call``), set up as the wrapper sets it for
-a fullgraph call, with a callback that dynamo reaches only when no graph's guards pass and that raises there, before
-the frame runs; the wrapper then runs and compiles. Every guard is checked as before; while dynamo traces, or under
-any stance but the plain default (``torch.compiler.set_stance``: another stance, a forced backend or skipped
-guards), the wrapper runs and applies it. With dynamo off (``TORCHDYNAMO_DISABLE``) the copy runs eager.
-
-Prefill, training and other caches run eager. ``generate`` on the model classes defaults to
-``cache_implementation="static"`` (and leaves transformers' own auto-compile off) unless the caller chose a cache.
+"""Optional compiled decoding: ``generate`` gets a static cache, and each decode step runs as compiled graphs of the
+whole forward (``"forward"``) or of each decoder layer variant (``"layers"``). Design: docs/compiled.md.
 """
 
 from __future__ import annotations
@@ -74,7 +25,7 @@ try:  # dynamo's frame hook, for the direct call (torch 2.13; without these ever
 except ImportError:
     set_eval_frame = None
 
-from rewriter.attention import Variant, compile_copy, kv_role, why_compile_cannot_run
+from rewriter.variants import CompiledVariants, Variant, compile_copy, kv_role, why_compile_cannot_run
 
 logger = logging.getLogger("rewriter")
 
@@ -84,7 +35,7 @@ UNITS = ("forward", "layers")
 COMPILER_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 SLIDING_LENGTH = r".*\.cumulative_length_int$"
 MASK_MAKER = "create_masks_for_generate"  # what ``generate`` calls on the model for a static cache's 4D masks
-INDUCTOR_OPTIONS = {  # see the module docstring
+INDUCTOR_OPTIONS = {  # why: docs/compiled.md
     "forward": {"size_asserts": False, "cpp_wrapper": True, "cpp_wrapper_build_separate": True},
     "layers": {"size_asserts": False, "cpp_wrapper": True},
 }
@@ -96,7 +47,7 @@ HOOKS = re.compile(r"\b_\w*hooks\w*")  # a hook dict's name: ``_forward_hooks``,
 
 
 def decode_guards(guards) -> list[bool]:
-    """Dynamo's ``guard_filter_fn`` for a decode step: which of its guards to keep (see the module docstring)."""
+    """Dynamo's ``guard_filter_fn`` for a decode step: which of its guards to keep (docs/compiled.md)."""
     return [_keeps(guard) for guard in guards]
 
 
@@ -142,16 +93,15 @@ class LayerCache:
 
 
 @dataclass
-class CompiledDecoding:
+class CompiledDecoding(CompiledVariants):
     """Each owner's ``forward`` dispatching decode steps on a ``StaticCache`` to the compiled copy of their variant."""
 
+    what = "decoding"
     unit: str
     eager: dict[type, FunctionType]  # owner class -> its own forward
     generators: tuple[type, ...]
-    variants: dict[tuple, Variant] = field(default_factory=dict)
     models: dict[int, tuple[weakref.ref, str]] = field(default_factory=dict)  # id(config) -> (config, its number)
     numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-    failure: str | None = None
 
     def install(self) -> None:
         self.replaced = {}  # (class, attribute) -> the class's own value before, None where it inherited one
@@ -186,10 +136,6 @@ class CompiledDecoding:
         self.replaced[owner, name] = owner.__dict__.get(name)
         setattr(owner, name, value)
 
-    def graphs(self) -> list[dict]:
-        """Each compiled variant, why it exists, and how many graphs dynamo holds for it."""
-        return [{**variant.why, "graphs": variant.graphs} for variant in self.variants.values()]
-
     def _dispatcher(self, eager: FunctionType):
         from transformers import StaticCache
 
@@ -219,14 +165,13 @@ class CompiledDecoding:
             try:
                 return variant.function(module, *args, **call)
             except COMPILER_FAILURES as error:  # never a model error
-                compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
-                logger.warning("rewriter: compiled decoding failed (%s); running eager", compiled.failure)
+                compiled.fail(error)
                 return eager(module, *args, **kwargs)
 
         return forward
 
     def _number(self, config) -> str:
-        """The number of the model whose config this is: each model's variants are its own (module docstring)."""
+        """The number of the model whose config this is: each model's variants are its own (docs/compiled.md)."""
         known = self.models.get(id(config))
         if known is None or known[0]() is not config:  # a new config, perhaps where a collected one lived
             known = self.models[id(config)] = (weakref.ref(config), f"#{next(self.numbers)}")
@@ -253,7 +198,7 @@ class NoGraph(Exception):
 
 def direct_call(compiled, code: CodeType):
     """``compiled`` (``torch.compile(fullgraph=True)`` of a copy whose code object is ``code``) called straight
-    through dynamo's frame hook where a graph's guards pass, as its wrapper calls it (see the module docstring); the
+    through dynamo's frame hook where a graph's guards pass, as its wrapper calls it (docs/compiled.md); the
     wrapper itself, which compiles, where none does, and while dynamo traces or a stance other than the default
     is set."""
     copy = getattr(compiled, "__wrapped__", None)  # torch.compile's wrapper is functools.wraps of the copy

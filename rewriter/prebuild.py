@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from rewriter.api import build, key_components
-from rewriter.cache import CacheDir, Entry, entry_key
+from rewriter.build import build, entry_key
+from rewriter.cache import CacheDir
 from rewriter.families import FAMILIES, Family
 from rewriter.releases import fetch_wheel, wheel_sources, wheel_version
 
@@ -39,8 +39,7 @@ def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str
         wheel = Path(release) if release.endswith(".whl") else fetch_wheel(release)
         version = wheel_version(wheel)
         sources = wheel_sources(wheel, family.targets)
-        components = key_components(family, sources)
-        key = entry_key(components)
+        key, components = entry_key(family, sources)
         keys.add(key)
         built = cache.verify(key, sources) is not None
         if built:
@@ -50,20 +49,3 @@ def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str
         for stale in set(cache.keys()) - keys:
             cache.remove(stale)
         cache.collect()
-
-
-def compare_with_rebuild(entry: Entry, family: Family, sources: dict[str, str]) -> str | None:
-    """What differs between ``entry`` (read with ``sources``) and what the rules build from ``sources`` now;
-    ``None`` when nothing does.
-
-    Catches what hashes cannot: a diff edited together with its name, its sha256 and the manifest's digest.
-    """
-    texts, outcomes, patches = build(family, sources)
-    for target in sorted(texts.keys() | entry.texts.keys()):
-        if texts.get(target) != entry.texts.get(target):
-            return f"{target} differs from what the rules write for its sources"
-    if outcomes != entry.outcomes:
-        return "its rule outcomes differ from a rebuild's"
-    if patches != entry.patches:
-        return "its install plans differ from a rebuild's"
-    return None

@@ -13,7 +13,6 @@ from packaging.version import Version
 
 from rewriter.report import RewriterError
 
-
 RELEASES_FILE = Path(__file__).with_name("releases.txt")
 # Every transformers release from Gemma-3n's first (4.53.0) to the latest the rules were checked on, oldest first.
 RELEASES = tuple(line for line in RELEASES_FILE.read_text().splitlines() if line and not line.startswith("#"))

@@ -25,12 +25,13 @@ class RuleOutcome:
 
 @dataclass(frozen=True)
 class CompileReport:
-    """The result of ``rewriter.compile``: one outcome per rule, and where the patched code came from."""
+    """The result of ``rewriter.compile``: one outcome per rule, and where the patched code came from (``origin``: the
+    shipped cache, the user's cache, compiled now and stored there, or compiled into memory only)."""
 
     family: str
     transformers_version: str
     key: str
-    source: Literal["shipped", "user_cache", "compiled", "memory"]
+    origin: Literal["shipped", "user_cache", "compiled", "memory"]
     cache_path: str | None
     outcomes: tuple[RuleOutcome, ...] = field(default_factory=tuple)
     attention: str = "eager"

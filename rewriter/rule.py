@@ -13,7 +13,8 @@ from typing import Callable, ClassVar
 import libcst as cst
 import libcst.matchers as m
 
-# The attributes where LibCST's matcher decorators leave their matchers on the methods they decorate.
+# The attributes where LibCST's matcher decorators leave their matchers on the methods they decorate: private
+# names, the same in every LibCST that pyproject.toml allows (it caps LibCST at the releases tested).
 from libcst.matchers._decorators import (
     CONSTRUCTED_LEAVE_MATCHER_ATTR,
     CONSTRUCTED_VISIT_MATCHER_ATTR,

@@ -7,15 +7,13 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
+from rewriter.rules.matchers import IN_FORWARD, SELF, is_none, is_not_none
 
-SELF = m.Name("self")
 INPUT_IDS = m.Name("input_ids")
-NONE = m.Name("None")
 IN_TEXT_MODEL = m.ClassDef(name=m.Name(m.MatchRegex(r"Gemma(3n|4)TextModel")))
 IN_GET_PER_LAYER_INPUTS = m.FunctionDef(name=m.Name("get_per_layer_inputs"))
-IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
-NO_INPUT_IDS = m.If(test=m.Comparison(left=INPUT_IDS, comparisons=[m.ComparisonTarget(m.Is(), NONE)]))
-INPUT_IDS_GIVEN = m.If(test=m.Comparison(left=INPUT_IDS, comparisons=[m.ComparisonTarget(m.IsNot(), NONE)]))
+NO_INPUT_IDS = m.If(test=is_none(INPUT_IDS))
+INPUT_IDS_GIVEN = m.If(test=is_not_none(INPUT_IDS))
 EMBEDDING_TABLE = m.Attribute(value=m.Attribute(value=SELF, attr=m.Name("embed_tokens")), attr=m.Name("weight"))
 PER_LAYER_INPUTS_OF_IDS = m.Assign(
     targets=[m.AssignTarget(m.Name("per_layer_inputs"))],

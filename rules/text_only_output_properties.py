@@ -6,8 +6,8 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
+from rewriter.rules.matchers import SELF
 
-SELF = m.Name("self")
 MODALITY_HIDDEN_STATES = m.Name(m.MatchRegex(r"(image|video|audio)_hidden_states"))
 IN_OUTPUT = m.ClassDef(name=m.Name(m.MatchRegex(r"\w+OutputWithPast")))
 PROPERTY = m.FunctionDef(name=MODALITY_HIDDEN_STATES, decorators=[m.Decorator(m.Name("property"))])

@@ -11,16 +11,16 @@ import tempfile
 
 import torch
 
-from rewriter import tiny
+from rewriter import testing
 
-ROWS = tiny.input_ids(batch=4, length=12)
+ROWS = testing.input_ids(batch=4, length=12)
 
 
 def seeded_model():
     """A tiny Gemma-4 multimodal model with bidirectional vision attention (31B, 26B-A4B), same weights everywhere."""
     from transformers import Gemma4ForConditionalGeneration
 
-    model = Gemma4ForConditionalGeneration(tiny.vision_config(use_bidirectional_attention="vision"))
+    model = Gemma4ForConditionalGeneration(testing.vision_config(use_bidirectional_attention="vision"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, parameter in sorted(model.named_parameters()):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import rewriter
-from rewriter.families import FAMILIES
+from rewriter.families import FAMILIES, installed_transformers
 from rewriter.releases import fetch_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def mutated_transformers(folder: Path, monkeypatch, target: str, old: str, new: 
     became ``new`` in ``target``."""
     from rewriter import api
 
-    version, package = api.installed_transformers(FAMILIES["gemma4"])
+    version, package = installed_transformers(FAMILIES["gemma4"])
     for name in {target for family in FAMILIES.values() for target in family.targets}:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(package / name, folder / name)
@@ -152,17 +152,17 @@ def shared_layers_weights_are_gone(family: str, reference: dict, folder: Path, c
     from a gradient-checkpointed step without a cache (what DDP with ``find_unused_parameters=False`` needs)."""
     import torch
 
-    from rewriter import tiny
+    from rewriter import testing
 
     rewriter.restore(family)
-    unpatched = tiny.text_model(family)
+    unpatched = testing.text_model(family)
     unpatched.load_state_dict(reference["state_dict"], strict=False)
     unpatched.save_pretrained(folder)
     stock_names = set(unpatched.state_dict())
     assert stock_names > set(reference["state_dict"])  # the unpatched release keeps the shared layers' K/V weights
 
     rewriter.compile(family, cache_dir=cache_dir, strict=True)
-    model = tiny.text_model(family)
+    model = testing.text_model(family)
     assert model.state_dict().keys() == reference["state_dict"].keys()
     model.load_state_dict(reference["state_dict"])
     loaded, info = type(model).from_pretrained(folder, output_loading_info=True)

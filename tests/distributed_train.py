@@ -39,16 +39,16 @@ if seeds:
 import torch  # noqa: E402
 
 import rewriter  # noqa: E402
-from rewriter import tiny  # noqa: E402
+from rewriter import testing  # noqa: E402
 
 family, mode, how, cache_dir, out = sys.argv[1:6]
 world_size = int(os.environ["WORLD_SIZE"])
 rank = int(os.environ["RANK"])
-ids = tiny.input_ids(batch=4, length=16)
+ids = testing.input_ids(batch=4, length=16)
 
 
 def build():
-    model = tiny.text_model(family).train()
+    model = testing.text_model(family).train()
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -103,7 +103,7 @@ result = {"rank": rank, "hash_seed": os.environ.get("PYTHONHASHSEED")}
 if mode == "patched-late":
     model = build()
 if mode.startswith("patched"):
-    result["source"] = rewriter.compile(family, cache_dir=cache_dir, strict=True, use_shipped=False).source
+    result["origin"] = rewriter.compile(family, cache_dir=cache_dir, strict=True, use_shipped=False).origin
 if mode != "patched-late":
     model = build()
 try:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accumulation import train_one_step  # tests/, this script's folder
 
 import rewriter
-from accumulation import train_one_step  # tests/, this script's folder
-from rewriter import tiny
-
+from rewriter import testing
 
 # The definitions in modeling_gemma4.py each fine-tuning rule rewrites where it is needed.
 NOT_NEEDED_PARTS = {
@@ -49,25 +48,25 @@ def main(cache_dir: str) -> dict:
 
     result = {
         "transformers": transformers.__version__,
-        "source": report.source,
+        "origin": report.origin,
         "outcomes": {outcome.rule: [outcome.status, outcome.sites] for outcome in report.outcomes},
     }
 
-    model, ids = tiny.causal_lm(0), tiny.input_ids()
+    model, ids = testing.causal_lm(0), testing.input_ids()
     static = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
     result["static_generate_equals_dynamic"] = torch.equal(static, model.generate(ids, max_new_tokens=8, do_sample=False))
 
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     with torch.no_grad():
         cached, uncached = model(ids, use_cache=True).logits, model(ids, use_cache=False).logits
     result["use_cache_gap"] = (cached - uncached).abs().max().item()
 
     torch.manual_seed(0)
-    vision = transformers.Gemma4ForConditionalGeneration(tiny.vision_config()).eval()
+    vision = transformers.Gemma4ForConditionalGeneration(testing.vision_config()).eval()
     embedder = vision.model.vision_tower.patch_embedder
     packed, state = quantize_4bit(embedder.input_proj.weight.detach().to(torch.bfloat16))
     embedder.input_proj.weight = Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
-    pixels, positions = tiny.image_patches()
+    pixels, positions = testing.image_patches()
     with torch.no_grad():
         vision.model.get_image_features(pixels, positions)
         projected = embedder.input_proj(2 * (pixels - 0.5))
@@ -75,7 +74,7 @@ def main(cache_dir: str) -> dict:
     result["packed_input_proj_gap"] = (projected - reference).abs().max().item()
 
     torch.manual_seed(0)
-    bidirectional_config = tiny.vision_config(use_bidirectional_attention="vision")
+    bidirectional_config = testing.vision_config(use_bidirectional_attention="vision")
     bidirectional = transformers.Gemma4ForConditionalGeneration(bidirectional_config)
     with torch.no_grad():
         text_only = bidirectional.train()(input_ids=ids).logits
@@ -87,7 +86,7 @@ def main(cache_dir: str) -> dict:
     gaps = [(after_whole[name] - after_accumulated[name]).abs().max().item() for name in after_whole]
     result["accumulation_weight_gap"] = max(gaps)
 
-    vision = tiny.overflowing_vision_model().half()
+    vision = testing.overflowing_vision_model().half()
     with torch.no_grad():
         features = vision.model.vision_tower(pixels.half(), positions).last_hidden_state  # inf where it overflows
     result["float16_vision_features_finite"] = bool(torch.isfinite(features).all())
@@ -123,7 +122,7 @@ def main(cache_dir: str) -> dict:
     for family in ("gemma3", "gemma3n"):
         rewriter.compile(family, cache_dir=cache_dir, strict=True)
     result["rotary_buffer_orders"] = {
-        family: [name for name, _ in tiny.text_model(family).named_buffers() if "inv_freq" in name]
+        family: [name for name, _ in testing.text_model(family).named_buffers() if "inv_freq" in name]
         for family in ("gemma3", "gemma3n", "gemma4")
     }
     return result

@@ -16,20 +16,20 @@ from pathlib import Path
 
 import libcst
 import torch
+from release_check import definition_text  # tests/, this script's folder
 
 import rewriter
-from release_check import definition_text  # tests/, this script's folder
-from rewriter import tiny
-from rewriter.rules.kv_sharing import SharedKVCarrierRule
+from rewriter import testing
+from rewriter.rules.kv_sharing_fsdp2 import KVSharingFSDP2Rule
 from rewriter.rules.per_layer_inputs_from_embeds import PerLayerInputsFromEmbedsRule
-from rewriter.rules.rotary import RotaryComputeOrderRule
+from rewriter.rules.rotary_compute_order import RotaryComputeOrderRule
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
 IDS = REFERENCE["input_ids"]
 
 
 def oracle_weights_model():
-    model = tiny.text_model("gemma3n")
+    model = testing.text_model("gemma3n")
     model.load_state_dict(REFERENCE["state_dict"], strict=False)  # the oracle has no K/V projections in shared layers
     return model
 
@@ -67,7 +67,7 @@ def main(cache_dir: str) -> dict:
     cached = logits(model, use_cache=True)
     result = {
         "transformers": transformers.__version__,
-        "source": report.source,
+        "origin": report.origin,
         "outcomes": {outcome.rule: [outcome.status, outcome.sites] for outcome in report.outcomes},
         "unpatched": unpatched,
         "patched": gaps(model),
@@ -115,7 +115,7 @@ def main(cache_dir: str) -> dict:
         # rotary-compute-order, per-layer-inputs-from-embeds and, until 5.8.1, kv-sharing-fsdp2 rewrite the model's
         # forward in these releases: the model differs by their changes alone
         expected = libcst.parse_module(upstream)
-        for rule in (RotaryComputeOrderRule, SharedKVCarrierRule, PerLayerInputsFromEmbedsRule):
+        for rule in (RotaryComputeOrderRule, KVSharingFSDP2Rule, PerLayerInputsFromEmbedsRule):
             expected = rule().apply(expected)[0]
         model = "Gemma3nTextModel"
         unchanged[model] = definition_text(patched, model) == definition_text(expected.code, model)

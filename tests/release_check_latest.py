@@ -22,7 +22,7 @@ import sys
 import torch
 
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 
 FAMILIES = ("gemma3", "gemma3n", "gemma4")
 PROPERTIES = ("image_hidden_states", "audio_hidden_states")
@@ -52,14 +52,14 @@ def multimodal_forward() -> dict:
     from transformers import Gemma3ForConditionalGeneration, Gemma4ForConditionalGeneration
 
     torch.manual_seed(0)
-    gemma4 = Gemma4ForConditionalGeneration(tiny.vision_config()).eval()
+    gemma4 = Gemma4ForConditionalGeneration(testing.vision_config()).eval()
     torch.manual_seed(0)
-    gemma3 = Gemma3ForConditionalGeneration(tiny.gemma3_vision_config()).eval()
-    pixels, positions = tiny.image_patches()
+    gemma3 = Gemma3ForConditionalGeneration(testing.gemma3_vision_config()).eval()
+    pixels, positions = testing.image_patches()
     with torch.no_grad():
-        text = gemma4(input_ids=tiny.input_ids())
-        image = gemma4(input_ids=tiny.image_prompt(), pixel_values=pixels, image_position_ids=positions)
-        gemma3_text = gemma3(input_ids=tiny.input_ids())
+        text = gemma4(input_ids=testing.input_ids())
+        image = gemma4(input_ids=testing.image_prompt(), pixel_values=pixels, image_position_ids=positions)
+        gemma3_text = gemma3(input_ids=testing.input_ids())
     return {
         "gemma4 text-only": read(lambda: text.image_hidden_states),
         "gemma4 image is the pooled output": read(lambda: image.image_hidden_states is image.image_outputs.pooler_output),
@@ -70,10 +70,10 @@ def multimodal_forward() -> dict:
 def inputs_embeds_gaps() -> dict:
     """max |logits(inputs_embeds) - logits(input_ids)| per family and dtype, or the exception raised."""
     gaps = {}
-    ids = tiny.input_ids(batch=2, length=12)
+    ids = testing.input_ids(batch=2, length=12)
     for family in ("gemma4", "gemma3n"):
         for dtype in (torch.float32, torch.bfloat16):
-            model = tiny.per_layer_inputs_model(family, dtype)
+            model = testing.per_layer_inputs_model(family, dtype)
             with torch.no_grad():
                 by_ids = model(input_ids=ids).logits
                 try:
@@ -95,7 +95,7 @@ def main(cache_dir: str) -> dict:
     result = {"transformers": transformers.__version__, "unpatched": checks()}
     reports = {family: rewriter.compile(family, cache_dir=cache_dir, strict=True) for family in FAMILIES}
     result["patched"] = checks()
-    result["source"] = {family: report.source for family, report in reports.items()}
+    result["origin"] = {family: report.origin for family, report in reports.items()}
     result["outcomes"] = {
         family: {outcome.rule: [outcome.status, outcome.sites] for outcome in report.outcomes}
         for family, report in reports.items()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import Gemma4ForCausalLM
 
-from rewriter import tiny
+from rewriter import testing
 from tests.conftest import shared_layers_weights_are_gone
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "kv_sharing_reference.pt", weights_only=True)
@@ -24,7 +24,7 @@ SHARED_LAYERS = (4, 5)
 @pytest.fixture
 def model() -> Gemma4ForCausalLM:
     """The installed release's model holding the oracle's weights."""
-    model = Gemma4ForCausalLM(tiny.text_config(2)).eval()
+    model = Gemma4ForCausalLM(testing.text_config(2)).eval()
     missing, unexpected = model.load_state_dict(REFERENCE["state_dict"], strict=False)
     # The oracle drops the K/V projections that shared layers never use: exactly those keys are missing.
     assert unexpected == []

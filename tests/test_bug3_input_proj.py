@@ -10,7 +10,7 @@ from bitsandbytes.nn import Params4bit
 from transformers import Gemma4ForConditionalGeneration
 from transformers.models.gemma4 import modeling_gemma4
 
-from rewriter import tiny
+from rewriter import testing
 
 SHAPE_ERROR = "mat1 and mat2 shapes cannot be multiplied"
 
@@ -22,7 +22,7 @@ def packed(weight: torch.Tensor) -> Params4bit:
 
 def vision_model() -> Gemma4ForConditionalGeneration:
     torch.manual_seed(0)
-    return Gemma4ForConditionalGeneration(tiny.vision_config()).eval()
+    return Gemma4ForConditionalGeneration(testing.vision_config()).eval()
 
 
 def test_unpatched_bare_linear_with_packed_weight_raises_the_shape_error():
@@ -36,7 +36,7 @@ def test_unpatched_vision_tower_with_packed_input_proj_raises():
     model = vision_model()
     model.model.vision_tower.patch_embedder.input_proj.weight = packed(torch.randn(64, 48))
     with pytest.raises(RuntimeError, match=SHAPE_ERROR), torch.no_grad():
-        model.model.get_image_features(*tiny.image_patches())
+        model.model.get_image_features(*testing.image_patches())
 
 
 def test_packed_weight_is_dequantized_before_the_matmul(patched):
@@ -69,12 +69,12 @@ def test_bitsandbytes_is_imported_only_for_a_packed_weight(cache_dir):
 
     code = f"""
 import sys, torch, rewriter
-from rewriter import tiny
+from rewriter import testing
 rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
 from transformers import Gemma4ForConditionalGeneration
-model = Gemma4ForConditionalGeneration(tiny.vision_config()).eval()
+model = Gemma4ForConditionalGeneration(testing.vision_config()).eval()
 with torch.no_grad():
-    model.model.get_image_features(*tiny.image_patches())
+    model.model.get_image_features(*testing.image_patches())
 assert "bitsandbytes" not in sys.modules, "bitsandbytes was imported"
 """
     result = run_python(code)
@@ -88,7 +88,7 @@ def test_vision_tower_runs_with_a_packed_input_proj_and_matches_the_dequantized_
     model.model.vision_tower.patch_embedder.input_proj.weight = weight
     dequantized = torch.nn.Parameter(dequantize_4bit(weight, weight.quant_state), requires_grad=False)
     reference.model.vision_tower.patch_embedder.input_proj.weight = dequantized
-    pixels, positions = tiny.image_patches()
+    pixels, positions = testing.image_patches()
     with torch.no_grad():
         features = model.model.get_image_features(pixels, positions).pooler_output
         expected = reference.model.get_image_features(pixels, positions).pooler_output

@@ -18,9 +18,9 @@ import transformers
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
-from rewriter import api, tiny
-from rewriter.cache import CacheDir, apply_diff, manifest_digest
-from rewriter.families import FAMILIES, read_sources
+from rewriter import testing
+from rewriter.cache import CacheDir, apply_diff, manifest_digest, sha256, shipped_cache
+from rewriter.families import FAMILIES, installed_transformers, read_sources
 from rewriter.prebuild import prebuild
 from tests.conftest import ROOT, build_wheel, mutated_transformers, run_python
 
@@ -28,11 +28,11 @@ MODELING = "models/gemma4/modeling_gemma4.py"
 
 PATCH_IN_A_FRESH_PROCESS = """
 import sys, rewriter
-from rewriter import tiny
+from rewriter import testing
 report = rewriter.compile("gemma4", cache_dir=sys.argv[1], use_shipped=False)
 from transformers import StaticCache
-assert len(StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6, "not patched"
-print(report.source)
+assert len(StaticCache(config=testing.text_config(0), max_cache_len=8).layers) == 6, "not patched"
+print(report.origin)
 """
 
 
@@ -56,7 +56,7 @@ def diff_of(manifest: Path, target: str) -> Path:
 
 
 def installed_sources() -> dict[str, str]:
-    return read_sources(FAMILIES["gemma4"], api.installed_transformers(FAMILIES["gemma4"])[1])
+    return read_sources(FAMILIES["gemma4"], installed_transformers(FAMILIES["gemma4"])[1])
 
 
 def test_eight_processes_on_an_empty_cache_build_one_entry(tmp_path):
@@ -65,9 +65,9 @@ def test_eight_processes_on_an_empty_cache_build_one_entry(tmp_path):
         subprocess.Popen([sys.executable, "-c", PATCH_IN_A_FRESH_PROCESS, str(cache)], stdout=subprocess.PIPE, text=True)
         for _ in range(8)
     ]
-    sources = [process.communicate(timeout=600)[0].strip() for process in processes]
+    origins = [process.communicate(timeout=600)[0].strip() for process in processes]
     assert [process.returncode for process in processes] == [0] * 8
-    assert sorted(set(sources)) <= ["compiled", "user_cache"] and "compiled" in sources
+    assert sorted(set(origins)) <= ["compiled", "user_cache"] and "compiled" in origins
     entries = list(cache.glob("*.json"))
     assert len(entries) == 1
     assert sorted(path.name for path in cache.iterdir()) == sorted([".locks", *entry_files(entries[0])])
@@ -208,11 +208,11 @@ def test_a_damaged_entry_is_detected_never_executed_and_replaced(tmp_path, caplo
     assert CacheDir(cache).verify(good.key, installed_sources()) is not None  # what `cache verify` reports
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
-    assert report.source == "compiled"
+    assert report.origin == "compiled"
     assert report.outcomes == good.outcomes
     assert f"not using cache entry {entry}" in caplog.text
     assert entry_files(entry) == expected
-    tiny.causal_lm(2)(tiny.input_ids(), use_cache=False)
+    testing.causal_lm(2)(testing.input_ids(), use_cache=False)
     assert "Gemma4DequantizingLinear(" in inspect.getsource(modeling_gemma4.Gemma4VisionPatchEmbedder.__init__)
     assert not (tmp_path / "executed").exists()
 
@@ -223,9 +223,9 @@ def test_group_or_world_writable_cache_folder_is_refused(tmp_path, caplog):
     cache.chmod(0o777)
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
-    assert report.source == "memory"
+    assert report.origin == "memory"
     assert "writable by its group or by everyone" in caplog.text
-    assert len(transformers.StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+    assert len(transformers.StaticCache(config=testing.text_config(0), max_cache_len=8).layers) == 6
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
@@ -235,9 +235,9 @@ def test_cache_folder_owned_by_another_user_is_refused(tmp_path, caplog):
     os.chown(cache, 65534, 65534)
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
-    assert report.source == "memory"
+    assert report.origin == "memory"
     assert "owned by another user (uid 65534)" in caplog.text
-    assert len(transformers.StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+    assert len(transformers.StaticCache(config=testing.text_config(0), max_cache_len=8).layers) == 6
 
 
 def test_symlinked_manifest_is_refused_and_replaced(tmp_path, caplog):
@@ -249,7 +249,7 @@ def test_symlinked_manifest_is_refused_and_replaced(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
     assert f"{entry} is a symlink" in caplog.text
-    assert report.source == "compiled"
+    assert report.origin == "compiled"
     assert entry.is_file() and not entry.is_symlink()
 
 
@@ -264,19 +264,19 @@ def test_symlinked_diff_is_never_written_through(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="rewriter"):
         report = compile_fresh(cache)
     assert f"{diff} is a symlink" in caplog.text
-    assert report.source == "compiled"
+    assert report.origin == "compiled"
     assert outside.read_text() == "# theirs\n"
     assert not diff.is_symlink() and CacheDir(cache).verify(report.key, installed_sources()) is None
 
 
 COMPILE_TWICE = """
 import sys, rewriter
-sources = []
+origins = []
 for _ in range(2):
     rewriter.restore("gemma4")
     kwargs = {"cache_dir": sys.argv[1]} if len(sys.argv) > 1 else {}
-    sources.append(rewriter.compile("gemma4", use_shipped=False, **kwargs).source)
-print(*sources)
+    origins.append(rewriter.compile("gemma4", use_shipped=False, **kwargs).origin)
+print(*origins)
 """
 
 
@@ -317,7 +317,7 @@ def test_full_disk_compiles_in_memory_and_leaves_nothing_behind(small_disk):
         assert f"not storing the entry in {small_disk}: no space left" in result.stderr
     # whole diffs may stay (content-addressed, for the next try); no entry, and nothing half-written
     left = [path for path in small_disk.iterdir() if path.name != ".locks"]
-    assert all(path.suffix == ".diff" and api.sha256(path.read_bytes()) == path.stem for path in left), left
+    assert all(path.suffix == ".diff" and sha256(path.read_bytes()) == path.stem for path in left), left
     verify = run_python("", "-m", "rewriter", "cache", "verify", "--cache-dir", str(small_disk))
     assert verify.returncode == 0 and "bad" not in verify.stdout, verify.stdout
 
@@ -360,7 +360,7 @@ def test_other_transformers_source_gets_another_key(tmp_path, monkeypatch):
     mutated_transformers(tmp_path / "src", monkeypatch, MODELING, "# ---- Vision Encoder Layers ----", "# vision")
     changed = compile_fresh(cache)
     assert changed.key != original.key
-    assert changed.source == "compiled"
+    assert changed.origin == "compiled"
     entries = {path.stem for path in cache.glob("*.json")}
     trainer = {rewriter.compiled("trainer").key} if rewriter.compiled("trainer") else set()  # compiled if imported
     assert entries == {original.key, changed.key} | trainer
@@ -371,7 +371,7 @@ def test_shipped_entry_patches_without_importing_libcst(tmp_path):
 import sys, rewriter
 report = rewriter.compile("gemma4", cache_dir=sys.argv[1])
 assert "libcst" not in sys.modules, "libcst was imported"
-print(report.source)
+print(report.origin)
 """
     result = run_python(code, str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr
@@ -383,7 +383,7 @@ def test_shipped_entries_are_exactly_what_prebuild_generates(tmp_path):
     """Regenerate every shipped entry from the release wheels; any difference from the committed ones fails."""
     regenerated = CacheDir(tmp_path / "regenerated")
     keys = {key for _, _, key, _ in prebuild(regenerated.root)}
-    shipped = api.shipped_cache()
+    shipped = shipped_cache()
     assert sorted(keys) == shipped.keys(), "stale shipped entries: run python -m rewriter prebuild"
     for key in shipped.keys():
         assert entry_files(regenerated.manifest(key)) == entry_files(shipped.manifest(key)), key
@@ -415,12 +415,12 @@ def test_wheel_builds_quietly_fits_1_mib_and_read_only_patches_from_its_shipped_
     before = {**tree(venv), **tree(home)}
     code = """
 import sys, rewriter
-from rewriter import tiny
+from rewriter import testing
 report = rewriter.compile("gemma4")
-assert report.source == "shipped", report
+assert report.origin == "shipped", report
 assert "libcst" not in sys.modules
 from transformers import StaticCache
-assert len(StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+assert len(StaticCache(config=testing.text_config(0), max_cache_len=8).layers) == 6
 print(report.cache_path)
 """
     env = {key: value for key, value in os.environ.items() if not key.startswith("REWRITER_")}

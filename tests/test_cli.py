@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rewriter.api import shipped_cache
-from rewriter.cache import apply_diff, manifest_digest, sha256
+from rewriter.cache import apply_diff, manifest_digest, sha256, shipped_cache
 from rewriter.families import get_family, installed_transformers
 from tests.conftest import release_tree, run_python
 
@@ -38,14 +37,14 @@ def test_compile_json(cache_dir):
         ("per-layer-inputs-from-embeds", "applied", 1),
         ("text-only-output-properties", "not_needed", 0),  # a property from 5.24.0
     ]
-    assert report["source"] == "shipped"
+    assert report["origin"] == "shipped"
 
 
 def test_compile_without_the_shipped_cache_writes_the_user_cache(cache_dir):
     code, out, err = rewriter_cli("compile", "gemma4", "--json", cache_dir=cache_dir, env={"REWRITER_NO_SHIPPED": "1"})
     assert code == 0, err
     report = json.loads(out)
-    assert report["source"] == "compiled" and report["cache_path"].startswith(str(cache_dir))
+    assert report["origin"] == "compiled" and report["cache_path"].startswith(str(cache_dir))
 
 
 def test_compile_table(cache_dir):
@@ -97,7 +96,7 @@ def test_cache_info_verify_and_clear(cache_dir):
     diff = cache_dir / f"{json.loads(entry.read_text())['diffs']['cache_utils.py']}.diff"
     diff.write_text("# planted\n")
     code, out, _ = rewriter_cli("cache", "verify", cache_dir=cache_dir)
-    assert code == 1 and f"bad user entry {entry}: the diff of cache_utils.py does not match its sha256" in out
+    assert code == 1 and f"bad user_cache entry {entry}: the diff of cache_utils.py does not match its sha256" in out
     code, out, _ = rewriter_cli("cache", "clear", cache_dir=cache_dir)
     assert code == 0 and f"removed 1 entries from {cache_dir}" in out
     assert [path.name for path in cache_dir.iterdir()] == []
@@ -174,11 +173,11 @@ def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
     manifest["digest"] = manifest_digest(manifest)
     entry.write_text(json.dumps(manifest))
     code, out, err = rewriter_cli("compile", "gemma4", "--json", cache_dir=cache_dir, env=env)
-    assert code == 0 and json.loads(out)["source"] == "user_cache", err
+    assert code == 0 and json.loads(out)["origin"] == "user_cache", err
     assert rewriter_cli("cache", "verify", cache_dir=cache_dir)[0] == 0
     code, out, _ = rewriter_cli("cache", "verify", "--deep", cache_dir=cache_dir)
     assert code == 1
-    assert f"bad user entry {entry}: cache_utils.py differs from what the rules write for its sources" in out
+    assert f"bad user_cache entry {entry}: cache_utils.py differs from what the rules write for its sources" in out
     # the shipped entries of 5.5.0 (gemma3, gemma3n, gemma4, trainer) and this one
     assert "5 rebuilt from the installed transformers" in out
 
@@ -191,18 +190,17 @@ def test_cache_info_names_each_family_entry_of_a_source_tree(version, shipped, c
     code, out, err = rewriter_cli("cache", "info", "--source-dir", source_dir, "--json", cache_dir=cache_dir)
     assert code == 0, err
     (entry,) = json.loads(out)
-    assert (entry["family"], entry["shipped"], entry["user"], len(entry["key"])) == ("gemma4", shipped, False, 64)
+    assert (entry["family"], entry["shipped"], entry["user_cache"], len(entry["key"])) == ("gemma4", shipped, False, 64)
 
 
 def test_diff_prints_the_shipped_entry_of_a_release_as_stored(tmp_path, cache_dir):
     """What exactly does rewriter change in 5.13.1? The diffs its shipped entry holds, read without LibCST."""
-    from rewriter.api import key_components
-    from rewriter.cache import entry_key
+    from rewriter.build import entry_key
     from rewriter.families import FAMILIES, read_sources
 
     package = release_tree("5.13.1", "gemma4", tmp_path)
     sources = read_sources(FAMILIES["gemma4"], package)
-    manifest = json.loads(shipped_cache().manifest(entry_key(key_components(FAMILIES["gemma4"], sources))).read_text())
+    manifest = json.loads(shipped_cache().manifest(entry_key(FAMILIES["gemma4"], sources)[0]).read_text())
     stored = "".join((shipped_cache().root / f"{name}.diff").read_text() for name in manifest["diffs"].values())
     code = "import sys\nfrom rewriter.cli import main\nexit_code = main(sys.argv[1:])\n"
     code += "assert 'libcst' not in sys.modules, 'libcst was imported'\nsys.exit(exit_code)"

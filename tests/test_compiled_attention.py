@@ -11,8 +11,8 @@ import torch
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
-from rewriter import tiny
-from rewriter.attention import recompile_limit_hits
+from rewriter import testing
+from rewriter.variants import recompile_limit_hits
 from tests.conftest import run_python
 
 NEW_TOKENS = 6
@@ -20,11 +20,11 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def kv_shared_model():
-    return tiny.causal_lm(2)
+    return testing.causal_lm(2)
 
 
 def generate(model, **kwargs):
-    return model.generate(tiny.input_ids(), max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+    return model.generate(testing.input_ids(), max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
 
 
 def test_naive_compile_of_the_forward_hits_the_recompile_limit(patched, kv_shared_model):
@@ -44,14 +44,14 @@ def test_generate_matches_eager_with_every_cache_and_no_recompile_limit_hit(cach
     rewriter.compile("gemma4", cache_dir=cache_dir)
     eager_dynamic, eager_static = generate(kv_shared_model), generate(kv_shared_model, cache_implementation="static")
     with torch.no_grad():
-        eager_logits = kv_shared_model(tiny.input_ids(), use_cache=False).logits
+        eager_logits = kv_shared_model(testing.input_ids(), use_cache=False).logits
     torch._dynamo.utils.counters.clear()
     report = rewriter.compile("gemma4", cache_dir=cache_dir, compile_attention=True)
     assert report.attention == "compiled"
     assert torch.equal(generate(kv_shared_model), eager_dynamic)
     assert torch.equal(generate(kv_shared_model, cache_implementation="static"), eager_static)
     with torch.no_grad():
-        logits = kv_shared_model(tiny.input_ids(), use_cache=False).logits
+        logits = kv_shared_model(testing.input_ids(), use_cache=False).logits
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=1e-5)
     assert recompile_limit_hits() == 0
     graphs = rewriter.attention_graphs("gemma4")
@@ -63,8 +63,8 @@ def test_generate_matches_eager_with_every_cache_and_no_recompile_limit_hit(cach
 
 
 def test_training_backward_through_compiled_attention(cache_dir):
-    model = tiny.causal_lm(2).train()
-    ids = tiny.input_ids()
+    model = testing.causal_lm(2).train()
+    ids = testing.input_ids()
     rewriter.compile("gemma4", cache_dir=cache_dir)
 
     def loss_and_grads():
@@ -83,7 +83,7 @@ def test_training_backward_through_compiled_attention(cache_dir):
 
 
 def test_e2b_shaped_generate_has_no_recompile_limit_hit(cache_dir):
-    model = tiny.causal_lm(20, config=tiny.e2b_text_config())
+    model = testing.causal_lm(20, config=testing.e2b_text_config())
     rewriter.compile("gemma4", cache_dir=cache_dir)
     eager = generate(model)
     torch._dynamo.utils.counters.clear()

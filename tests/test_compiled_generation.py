@@ -16,8 +16,8 @@ import torch
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
-from rewriter import tiny
-from rewriter.attention import recompile_limit_hits
+from rewriter import testing
+from rewriter.variants import recompile_limit_hits
 from tests.conftest import run_python
 
 NEW_TOKENS = 6
@@ -29,7 +29,7 @@ SHORT = 5  # a prompt shorter than the window (8): the sliding cache fills durin
 def generate(model, batch: int, length: int = 12):
     """Greedy tokens filling a static cache of one length (18) whatever the prompt's; at batch 4 every other row is
     left-padded, so the padding mask reaches the compiled graphs."""
-    ids, new_tokens = tiny.input_ids(batch, length), NEW_TOKENS + 12 - length
+    ids, new_tokens = testing.input_ids(batch, length), NEW_TOKENS + 12 - length
     mask = torch.ones_like(ids)
     mask[1::2, :3] = 0
     return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -37,7 +37,7 @@ def generate(model, batch: int, length: int = 12):
 
 @pytest.mark.parametrize("unit", ["layers", "forward"])
 def test_generate_matches_eager_at_batch_1_and_4_with_bounded_graphs(cache_dir, unit):
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir)
     eager = {batch: generate(model, batch) for batch in BATCHES}
     eager_short = generate(model, 1, SHORT)
@@ -85,7 +85,7 @@ def test_layers_of_one_variant_need_one_graph_under_all_of_dynamos_guards(cache_
     from rewriter import generation
 
     monkeypatch.setattr(generation, "decode_guards", lambda guards: [True] * len(guards))
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
     generate(model, 1)
     assert [g["graphs"] for g in rewriter.decode_graphs("gemma4")] == [1] * 6
@@ -95,7 +95,7 @@ def test_layers_of_one_variant_need_one_graph_under_all_of_dynamos_guards(cache_
 def test_a_model_with_other_values_of_the_same_sizes_gets_graphs_of_its_own(cache_dir, unit):
     """A decode step does not guard the values it reads through the module (here the norms' epsilon); a second
     model whose config differs only in such a value must not run the first model's graphs."""
-    first, second = tiny.causal_lm(2), tiny.causal_lm(2, config=tiny.text_config(2, rms_norm_eps=1.0))
+    first, second = testing.causal_lm(2), testing.causal_lm(2, config=testing.text_config(2, rms_norm_eps=1.0))
     rewriter.compile("gemma4", cache_dir=cache_dir)
     eager = generate(second, 1)
     assert not torch.equal(eager, generate(first, 1))  # the epsilon changes the tokens
@@ -111,7 +111,7 @@ def test_decode_steps_call_their_graphs_past_torch_compiles_wrapper_unless_a_sta
     and the graph runs (the model's Python, here its rotary embedding, does not): ``torch.compile``'s per-call
     wrapper runs only where a graph is compiled, and under a stance other than the default, which it applies (here
     ``force_eager``). Dynamo's hook is off again after each step."""
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode=unit)
     tokens = generate(model, 1)  # compiles
     compiled_steps, steps = frames_called(lambda: generate(model, 1))
@@ -153,7 +153,7 @@ def test_a_hook_registered_after_the_first_step_runs_on_its_layer_alone_until_re
     layer without it; a decode step that dropped the guards on the hook (the dict's length, the hook's code) ran
     it on every layer of the variant, and after its removal. Dynamo guards no global module hook: while one is
     registered, decoding runs eager."""
-    model = tiny.causal_lm(0)
+    model = testing.causal_lm(0)
     rewriter.compile("gemma4", cache_dir=cache_dir)
     without_hook = generate(model, 1)
     hook = model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: -output)
@@ -180,7 +180,7 @@ def test_a_variant_past_dynamos_recompile_limit_decodes_eager_with_one_warning(c
     """Hooks that differ per layer (here one ``functools.partial`` per layer) give each layer of a variant a graph of
     its own. Past dynamo's recompile limit, where a fullgraph compile raises instead of running eager, decoding runs
     eager with one warning and the tokens stay right."""
-    model = tiny.causal_lm(0)  # layers 0 and 2: sliding, with their own K/V (4 stores them for later layers)
+    model = testing.causal_lm(0)  # layers 0 and 2: sliding, with their own K/V (4 stores them for later layers)
     for index in (0, 2):
         model.model.layers[index].mlp.register_forward_hook(functools.partial(scale_output, -1.0 - index))
     rewriter.compile("gemma4", cache_dir=cache_dir)
@@ -199,11 +199,11 @@ def scale_output(factor, module, args, output):
 
 def test_longer_sessions_share_one_graph_dynamic_in_the_cache_length(cache_dir):
     """A longer static cache compiles once more, dynamic in its length; every later length reuses that graph."""
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="forward")
     lengths = []
     for new_tokens in (6, 40, 80, 120):
-        model.generate(tiny.input_ids(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(testing.input_ids(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         lengths.append(model._cache.max_cache_len)
     assert lengths == sorted(set(lengths))  # four sessions, each on a longer cache than the last
     assert [g["graphs"] for g in rewriter.decode_graphs("gemma4")] == [2]
@@ -214,7 +214,7 @@ def test_the_multimodal_model_decodes_text_through_its_own_whole_forward_graph(c
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(0)
-    model = Gemma4ForConditionalGeneration(tiny.vision_config()).eval()
+    model = Gemma4ForConditionalGeneration(testing.vision_config()).eval()
     rewriter.compile("gemma4", cache_dir=cache_dir)
     eager = generate(model, 1)
     assert rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="forward").decode == "compiled forward"
@@ -224,11 +224,11 @@ def test_the_multimodal_model_decodes_text_through_its_own_whole_forward_graph(c
 
 
 def test_prefill_training_and_a_callers_cache_stay_eager(cache_dir):
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir, compile_decode="layers")
-    model.generate(tiny.input_ids(), max_new_tokens=1, do_sample=False)  # prefill only
-    model.generate(tiny.input_ids(), max_new_tokens=3, do_sample=False, cache_implementation="dynamic")
-    model.train()(tiny.input_ids(), labels=tiny.input_ids(), use_cache=False).loss.backward()
+    model.generate(testing.input_ids(), max_new_tokens=1, do_sample=False)  # prefill only
+    model.generate(testing.input_ids(), max_new_tokens=3, do_sample=False, cache_implementation="dynamic")
+    model.train()(testing.input_ids(), labels=testing.input_ids(), use_cache=False).loss.backward()
     assert rewriter.decode_graphs("gemma4") == []
 
 
@@ -269,10 +269,10 @@ def test_without_a_compiler_decoding_stays_eager_with_one_warning(cache_dir):
     code = f"""
 import torch
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 report = rewriter.compile("gemma4", cache_dir={str(cache_dir)!r}, compile_decode="layers")
 print(report.decode)
-tiny.causal_lm(2).generate(tiny.input_ids(), max_new_tokens=3, do_sample=False)
+testing.causal_lm(2).generate(testing.input_ids(), max_new_tokens=3, do_sample=False)
 """
     result = run_python(code, env={"CXX": "/nonexistent/g++"})
     assert result.returncode == 0, result.stderr
@@ -293,13 +293,13 @@ def test_with_dynamo_switched_off_decoding_runs_the_copy_eager(cache_dir):
     code = f"""
 import torch
 import rewriter
-from rewriter import tiny
-model = tiny.causal_lm(2)
+from rewriter import testing
+model = testing.causal_lm(2)
 rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
-eager = model.generate(tiny.input_ids(), max_new_tokens=3, do_sample=False)
+eager = model.generate(testing.input_ids(), max_new_tokens=3, do_sample=False)
 for unit in ("layers", "forward"):
     rewriter.compile("gemma4", cache_dir={str(cache_dir)!r}, compile_decode=unit)
-    print(torch.equal(model.generate(tiny.input_ids(), max_new_tokens=3, do_sample=False), eager))
+    print(torch.equal(model.generate(testing.input_ids(), max_new_tokens=3, do_sample=False), eager))
 """
     result = run_python(code, env={"TORCHDYNAMO_DISABLE": "1"})
     assert result.returncode == 0, result.stderr

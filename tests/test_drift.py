@@ -16,8 +16,8 @@ from transformers import trainer
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
-from rewriter.install import _live_function
 from rewriter.families import FAMILIES
+from rewriter.install import _live_function
 from tests.conftest import mutated_transformers
 
 CACHE_UTILS, MODELING, TRAINER = "cache_utils.py", "models/gemma4/modeling_gemma4.py", "trainer.py"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from transformers import BitsAndBytesConfig, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
-from rewriter import tiny
+from rewriter import testing
 from tests.conftest import ROOT, run_python
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -25,14 +25,14 @@ SHAPE_ERROR = "mat1 and mat2 shapes cannot be multiplied"
 def kv_shared_checkpoint(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("kv-shared")
     torch.manual_seed(0)
-    Gemma4ForCausalLM(tiny.text_config(2, **QLORA_WIDTHS)).save_pretrained(folder)
+    Gemma4ForCausalLM(testing.text_config(2, **QLORA_WIDTHS)).save_pretrained(folder)
     return str(folder)
 
 
 def cached_loss_and_training(checkpoint: str, steps: int) -> tuple[float, list[float]]:
     """The loss of a batch computed with a cache (the oracle), then the losses of QLoRA steps on it."""
     model = load_for_qlora(checkpoint)
-    batch = tiny.input_ids(batch=2, length=16)
+    batch = testing.input_ids(batch=2, length=16)
     model.eval()
     with torch.no_grad():
         oracle = model(input_ids=batch, labels=batch, use_cache=True).loss.item()
@@ -65,7 +65,7 @@ def prequantized_vision_checkpoint(tmp_path_factory) -> str:
     of a user who keeps the patch embedder out of bitsandbytes: its packed weight lands on a bare linear."""
     floats, packed = tmp_path_factory.mktemp("float"), tmp_path_factory.mktemp("4bit")
     torch.manual_seed(0)
-    Gemma4ForConditionalGeneration(tiny.vision_config(patch_size=8, **QLORA_WIDTHS)).save_pretrained(floats)
+    Gemma4ForConditionalGeneration(testing.vision_config(patch_size=8, **QLORA_WIDTHS)).save_pretrained(floats)
     quantization = BitsAndBytesConfig(load_in_4bit=True)
     Gemma4ForConditionalGeneration.from_pretrained(floats, quantization_config=quantization, device_map="cpu").save_pretrained(packed)
     config = json.loads((packed / "config.json").read_text())
@@ -76,9 +76,9 @@ def prequantized_vision_checkpoint(tmp_path_factory) -> str:
 
 def image_and_text_forward(checkpoint: str):
     model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, device_map="cpu").eval()
-    pixels, positions = tiny.image_patches(patch_size=8)
+    pixels, positions = testing.image_patches(patch_size=8)
     with torch.no_grad():
-        return model, model(input_ids=tiny.image_prompt(), pixel_values=pixels, image_position_ids=positions)
+        return model, model(input_ids=testing.image_prompt(), pixel_values=pixels, image_position_ids=positions)
 
 
 def test_unpatched_prequantized_vision_checkpoint_raises_the_shape_error(prequantized_vision_checkpoint):
@@ -90,21 +90,21 @@ def test_prequantized_vision_checkpoint_runs_and_input_proj_is_the_dequantized_l
     prequantized_vision_checkpoint, patched
 ):
     model, output = image_and_text_forward(prequantized_vision_checkpoint)
-    assert output.logits.shape == (1, tiny.image_prompt().shape[1], 256)
+    assert output.logits.shape == (1, testing.image_prompt().shape[1], 256)
     assert torch.isfinite(output.logits).all()
     input_proj = model.model.vision_tower.patch_embedder.input_proj
     weight = input_proj.weight
     assert weight.dtype == torch.uint8 and weight.quant_state is not None  # still packed, as loaded
-    x = 2 * (tiny.image_patches(patch_size=8)[0] - 0.5)
+    x = 2 * (testing.image_patches(patch_size=8)[0] - 0.5)
     dequantized = dequantize_4bit(weight, weight.quant_state)
     assert torch.equal(input_proj(x), F.linear(x.to(dequantized.dtype), dequantized))
 
 
 def test_resize_save_load_and_generate_after_training(patched, tmp_path):
-    model = tiny.causal_lm(2).train()
+    model = testing.causal_lm(2).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batch = tiny.input_ids(batch=2, length=16)
+    batch = testing.input_ids(batch=2, length=16)
     for _ in range(2):
         model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
         optimizer.step()
@@ -114,7 +114,7 @@ def test_resize_save_load_and_generate_after_training(patched, tmp_path):
     model.resize_token_embeddings(264)
     model.save_pretrained(tmp_path / "trained")
     reloaded = Gemma4ForCausalLM.from_pretrained(tmp_path / "trained").eval()
-    ids = tiny.input_ids()
+    ids = testing.input_ids()
     with torch.no_grad():
         logits = model(ids).logits
         assert logits.shape[-1] == 264

@@ -22,7 +22,7 @@ from transformers import BitsAndBytesConfig, Gemma3nForCausalLM
 from transformers.models.gemma3n import modeling_gemma3n
 
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 from tests.conftest import mutated_transformers, shared_layers_weights_are_gone
 
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "gemma3n_kv_sharing_reference.pt", weights_only=True)
@@ -38,7 +38,7 @@ def patched(cache_dir) -> rewriter.CompileReport:
 @pytest.fixture
 def model() -> Gemma3nForCausalLM:
     """The installed release's model holding the oracle's weights."""
-    model = tiny.text_model("gemma3n")
+    model = testing.text_model("gemma3n")
     missing, unexpected = model.load_state_dict(REFERENCE["state_dict"], strict=False)
     # The oracle drops the K/V projections that shared layers never use: exactly those keys are missing.
     assert unexpected == []
@@ -114,7 +114,7 @@ FLOAT_MODULES = ["lm_head", "modality_router", "correction_coefs", "prediction_c
 def qlora_checkpoint(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("gemma3n")
     torch.manual_seed(0)
-    Gemma3nForCausalLM(tiny.gemma3n_text_config(**QLORA_WIDTHS)).save_pretrained(folder)
+    Gemma3nForCausalLM(testing.gemma3n_text_config(**QLORA_WIDTHS)).save_pretrained(folder)
     return str(folder)
 
 
@@ -128,7 +128,7 @@ def cached_loss_and_first_step(checkpoint: str) -> tuple[float, float]:
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    batch = tiny.input_ids(batch=2, length=16)
+    batch = testing.input_ids(batch=2, length=16)
     model.eval()
     with torch.no_grad():
         oracle = model(input_ids=batch, labels=batch, use_cache=True).loss.item()

@@ -14,7 +14,7 @@ import transformers
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 from tests.conftest import run_python
 
 Attention = modeling_gemma4.Gemma4TextAttention
@@ -32,12 +32,12 @@ def patched_functions():
 def test_classes_and_functions_keep_their_identity(cache_dir):
     classes = (transformers.DynamicCache, transformers.Gemma4ForCausalLM, Attention)
     functions = patched_functions()
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     rewriter.compile("gemma4", cache_dir=cache_dir)
     assert (transformers.DynamicCache, transformers.Gemma4ForCausalLM, modeling_gemma4.Gemma4TextAttention) == classes
     assert patched_functions() == functions
     assert isinstance(model, transformers.Gemma4ForCausalLM)
-    assert isinstance(transformers.DynamicCache(config=tiny.text_config(0)), transformers.DynamicCache)
+    assert isinstance(transformers.DynamicCache(config=testing.text_config(0)), transformers.DynamicCache)
     assert "shared_kv_states" in inspect.signature(model.model.layers[0].self_attn.forward).parameters
 
 
@@ -45,7 +45,7 @@ def test_source_and_tracebacks_show_the_patched_lines(patched):
     source_file = inspect.getsourcefile(Attention.forward)
     assert source_file == f"<rewriter {patched.key[:12]} transformers/{MODELING}>"
     assert "shared_kv_states[self.kv_shared_layer_index]" in inspect.getsource(Attention.forward)
-    model = tiny.causal_lm(2)
+    model = testing.causal_lm(2)
     shared = model.model.layers[5].self_attn
     hidden = torch.zeros(1, 3, 64)
     with pytest.raises(TypeError) as error:
@@ -89,14 +89,14 @@ def test_restore_puts_the_original_code_back(cache_dir):
     assert rewriter.restore("gemma4") is True
     assert {name: function.__code__ for name, function in patched_functions().items()} == originals
     assert not hasattr(modeling_gemma4, "Gemma4DequantizingLinear")
-    assert transformers.DynamicCache(config=tiny.text_config(0)).layers == []
+    assert transformers.DynamicCache(config=testing.text_config(0)).layers == []
     assert rewriter.restore("gemma4") is False
 
 
 def test_second_process_uses_the_cache_entry(cache_dir):
     first = rewriter.compile("gemma4", cache_dir=cache_dir, use_shipped=False)
-    assert first.source == "compiled"
-    code = f"import rewriter; print(rewriter.compile('gemma4', cache_dir={str(cache_dir)!r}, use_shipped=False).source)"
+    assert first.origin == "compiled"
+    code = f"import rewriter; print(rewriter.compile('gemma4', cache_dir={str(cache_dir)!r}, use_shipped=False).origin)"
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["user_cache"]
@@ -108,8 +108,8 @@ import sys, inspect, rewriter
 assert "transformers.models.gemma4.modeling_gemma4" not in sys.modules
 rewriter.compile("gemma4", cache_dir={str(cache_dir)!r})
 from transformers import Gemma4ForCausalLM, StaticCache
-from rewriter import tiny
-assert len(StaticCache(config=tiny.text_config(0), max_cache_len=8).layers) == 6
+from rewriter import testing
+assert len(StaticCache(config=testing.text_config(0), max_cache_len=8).layers) == 6
 print(inspect.getsourcefile(Gemma4ForCausalLM.__mro__[0].forward))
 """
     result = run_python(code)
@@ -123,10 +123,10 @@ def test_unwritable_cache_compiles_in_memory_and_warns_once(tmp_path, caplog):
         report = rewriter.compile("gemma4", cache_dir=not_a_folder, use_shipped=False)
         rewriter.restore("gemma4")
         rewriter.compile("gemma4", cache_dir=not_a_folder, use_shipped=False)
-    assert report.source == "memory" and report.cache_path is None
+    assert report.origin == "memory" and report.cache_path is None
     assert len(caplog.records) == 1 and f"{not_a_folder} is not a folder" in caplog.records[0].message
     assert "shared_kv_states" in inspect.getsource(Attention.forward)
-    assert transformers.DynamicCache(config=tiny.text_config(0)).layers != []
+    assert transformers.DynamicCache(config=testing.text_config(0)).layers != []
 
 
 def test_unknown_family_lists_the_known_ones():

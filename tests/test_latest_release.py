@@ -31,7 +31,7 @@ def result(release_env, tmp_path_factory) -> dict:
 
 def test_the_check_ran_on_the_latest_release_from_its_shipped_entries(result):
     assert result["transformers"] == LATEST
-    assert set(result["source"].values()) == {"shipped"}
+    assert set(result["origin"].values()) == {"shipped"}
 
 
 def test_output_properties_raise_unpatched_and_give_none_patched(result):

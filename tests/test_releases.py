@@ -18,8 +18,8 @@ import zipfile
 
 import pytest
 
-from rewriter import api
-from rewriter.cache import entry_key
+from rewriter.build import entry_key
+from rewriter.cache import shipped_cache
 from rewriter.families import FAMILIES
 from rewriter.releases import fetch_wheel, wheel_sources
 from tests.conftest import ROOT, release_tree, run_python
@@ -89,7 +89,7 @@ def gemma4(version: str) -> dict[str, tuple[str, int]]:
     }
 
 
-# BUGS.md's tables: which rule each release needs, and at how many sites.
+# The release tables of docs/releases.md: which rule each release needs, and at how many sites.
 MATRIX = {
     "gemma3": {
         version: {
@@ -123,11 +123,10 @@ MATRIX = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_release_has_a_shipped_entry_with_the_verdicts_of_the_bugs_tables(family):
     """Every supported release's real sources (each wheel fetched once per machine) hit a shipped entry that checks
-    against them, whose outcomes are BUGS.md's. test_cache shows the shipped entries are what the rules build."""
-    spec = FAMILIES[family]
-    for version in spec.releases:
-        sources = wheel_sources(fetch_wheel(version), spec.targets)
-        entry = api.shipped_cache().load(entry_key(api.key_components(spec, sources)), sources)
+    against them, whose outcomes are those tables'. test_cache shows the shipped entries are what the rules build."""
+    for version in FAMILIES[family].releases:
+        sources = wheel_sources(fetch_wheel(version), FAMILIES[family].targets)
+        entry = shipped_cache().load(entry_key(FAMILIES[family], sources)[0], sources)
         assert entry is not None, f"transformers {version} has no shipped {family} entry"
         assert {outcome.rule: (outcome.status, outcome.sites) for outcome in entry.outcomes} == MATRIX[family][version]
 
@@ -202,7 +201,7 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, release_env):
     assert check.returncode == 0, check.stderr
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["transformers"] == version
-    assert result["source"] == "shipped"
+    assert result["origin"] == "shipped"
     outcomes = {**gemma4(version), "accumulation-double-division": accumulation_double_division(version)}
     assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == outcomes
     assert result["static_generate_equals_dynamic"]
@@ -241,7 +240,7 @@ def test_gemma3n_kv_sharing_end_to_end_on_an_installed_release(version, tmp_path
     assert check.returncode == 0, check.stderr
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["transformers"] == version
-    assert result["source"] == "shipped"
+    assert result["origin"] == "shipped"
     assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == MATRIX["gemma3n"][version]
     # Unpatched: no cache, wrong logits; 4.x builds no cache in training either. Cached logits are the oracle's up
     # to the last float bits on 4.x (1.6e-6 measured), exactly on 5.x.

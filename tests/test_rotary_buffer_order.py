@@ -16,10 +16,10 @@ FAMILIES = ("gemma3", "gemma3n", "gemma4")
 ORDERS = """
 import json, sys
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 
 def orders():
-    return {f: [n for n, _ in tiny.text_model(f).named_buffers() if "inv_freq" in n] for f in %r}
+    return {f: [n for n, _ in testing.text_model(f).named_buffers() if "inv_freq" in n] for f in %r}
 
 before = orders()
 rewriter.compile_on_import(cache_dir=sys.argv[1])

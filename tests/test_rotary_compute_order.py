@@ -18,15 +18,15 @@ import json, sys
 import torch
 from torch._dynamo.utils import counters
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 
 if sys.argv[1] == "patched":
     rewriter.compile("gemma4", cache_dir=sys.argv[2], strict=True)
-config = tiny.text_config(0, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
-model = tiny.causal_lm(0, config=config)
+config = testing.text_config(0, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+model = testing.causal_lm(0, config=config)
 order = []
 hook = model.model.rotary_emb.register_forward_pre_hook(lambda module, args: order.append(args[2]))
-ids = tiny.input_ids()
+ids = testing.input_ids()
 with torch.no_grad():
     model(ids, use_cache=False)
     hook.remove()

@@ -13,7 +13,7 @@ import pytest
 
 from rewriter.engine import rewrite
 from rewriter.families import FAMILIES, installed_transformers
-from rewriter.rules.gemma4 import KVSharedSliceRule
+from rewriter.rules.kv_shared_slice import KVSharedSliceRule
 
 GOLDEN = Path(__file__).with_name("golden")
 RULES = tuple(dict.fromkeys(rule for family in FAMILIES.values() for _, rule in family.rules()))

@@ -19,7 +19,7 @@ from transformers import BitsAndBytesConfig, Gemma3ForConditionalGeneration, Gem
 from trl import SFTConfig, SFTTrainer
 
 import rewriter
-from rewriter import tiny
+from rewriter import testing
 from tests.accumulation import seeded_model, step_summary, train_one_step
 from tests.conftest import ROOT, run_python
 
@@ -34,10 +34,10 @@ MULTIMODAL = {
     # family: the model class, its config (text-only batches raise), the input its mask builder requires
     "gemma4": (
         Gemma4ForConditionalGeneration,
-        lambda: tiny.vision_config(patch_size=8, use_bidirectional_attention="vision", **QLORA_WIDTHS),
+        lambda: testing.vision_config(patch_size=8, use_bidirectional_attention="vision", **QLORA_WIDTHS),
         "mm_token_type_ids",
     ),
-    "gemma3": (Gemma3ForConditionalGeneration, tiny.gemma3_vision_config, "token_type_ids"),
+    "gemma3": (Gemma3ForConditionalGeneration, testing.gemma3_vision_config, "token_type_ids"),
 }
 
 
@@ -55,9 +55,9 @@ def sft_trainer(model, output_dir: Path, peft_config=None, **arguments) -> SFTTr
     args = SFTConfig(
         output_dir=str(output_dir), report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, **arguments
     )
-    dataset = Dataset.from_dict({"text": tiny.sentences()})
+    dataset = Dataset.from_dict({"text": testing.sentences()})
     return SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tiny.word_tokenizer(), peft_config=peft_config
+        model=model, args=args, train_dataset=dataset, processing_class=testing.word_tokenizer(), peft_config=peft_config
     )
 
 
@@ -77,7 +77,7 @@ def test_a_text_only_batch_is_masked_as_all_text(checkpoint, cache_dir):
     family, folder = checkpoint
     rewriter.compile(family, cache_dir=cache_dir, strict=True)
     model = load(family, folder).train()  # train mode: where the check was; dropout is 0
-    ids = tiny.input_ids(batch=2, length=12)
+    ids = testing.input_ids(batch=2, length=12)
     with torch.no_grad():
         text_only = model(input_ids=ids).logits
         all_text = model(input_ids=ids, **{MULTIMODAL[family][2]: torch.zeros_like(ids)}).logits
@@ -129,8 +129,8 @@ def test_accumulated_step_equals_one_batch_and_transformers_5_6(patched):
 @pytest.fixture(scope="module")
 def overflowing_vision():
     """The float16 model, its input, and the float32 features as the reference."""
-    model = tiny.overflowing_vision_model()
-    pixels, positions = tiny.image_patches()
+    model = testing.overflowing_vision_model()
+    pixels, positions = testing.image_patches()
     with torch.no_grad():
         reference = model.model.get_image_features(pixels, positions).pooler_output
     return model.half(), pixels.half(), positions, reference

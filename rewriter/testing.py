@@ -1,0 +1,236 @@
+"""Tiny random-weight Gemma models that reproduce every bug on a CPU in seconds.
+
+Shared by the demo, the tests, the benchmarks and the fixture scripts; the layer pattern alternates sliding and
+full attention, and full layers have a larger head_dim than sliding ones, as in the real checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def text_config(num_kv_shared_layers: int, **overrides):
+    """Six layers, window 8; ``num_kv_shared_layers=0`` shows bug 1, ``2`` shows bug 2."""
+    from transformers import Gemma4TextConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=16,
+        sliding_window=8,
+        num_kv_shared_layers=num_kv_shared_layers,
+        max_position_embeddings=512,
+    )
+    return Gemma4TextConfig(**{**settings, **overrides})
+
+
+def e2b_text_config(**overrides):
+    """Gemma-4 E2B's layer pattern at tiny widths: 35 layers, four sliding to one full, the last 20 KV-shared."""
+    pattern = (["sliding_attention"] * 4 + ["full_attention"]) * 7
+    return text_config(20, num_hidden_layers=35, layer_types=pattern, **overrides)
+
+
+def layer_pattern_31b(num_hidden_layers: int = 60) -> list[str]:
+    """Gemma-4 31B's layer pattern: five sliding layers to one full, no KV-shared layers."""
+    return (["sliding_attention"] * 5 + ["full_attention"]) * (num_hidden_layers // 6)
+
+
+SPECIAL_TOKENS = dict(
+    image_token_id=255, boi_token_id=254, eoi_token_id=253, video_token_id=252, audio_token_id=251, boa_token_id=250
+)
+
+
+def vision_config(patch_size: int = 4, **text_overrides):
+    """A multimodal config whose vision tower's ``input_proj`` takes 3 * patch_size**2 pixels (48 by default;
+    bitsandbytes on the CPU needs 64 or more to quantize it: ``patch_size=8``). Special tokens fit the vocabulary."""
+    from transformers import Gemma4Config
+
+    return Gemma4Config(
+        **SPECIAL_TOKENS,
+        text_config=text_config(0, **text_overrides),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=16,
+            patch_size=patch_size,
+            position_embedding_size=64,
+            pooling_kernel_size=2,
+        ),
+        audio_config=None,
+    )
+
+
+def overflowing_vision_model():
+    """A multimodal model whose standardized vision tower, in float16, overflows where the pooler scales by
+    sqrt(hidden_size) (the encoder output passes 65504 / 8), while its standardization (as trained checkpoints have)
+    brings the image features back to order 1. Float32, in eval mode; ``image_patches()`` is its input."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    config = vision_config()
+    config.vision_config.standardize = True
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    tower = model.model.vision_tower
+    pixels, positions = image_patches()
+    with torch.no_grad():
+        tower.patch_embedder.input_proj.weight.mul_(1e5)
+        tower.std_bias.zero_(), tower.std_scale.fill_(1.0)
+        scaled = tower(pixels, positions).last_hidden_state
+        tower.std_bias.copy_(scaled.mean(0)), tower.std_scale.copy_(1 / scaled.std(0))
+    return model
+
+
+def causal_lm(num_kv_shared_layers: int, seed: int = 0, config=None):
+    from transformers import Gemma4ForCausalLM
+
+    torch.manual_seed(seed)
+    return Gemma4ForCausalLM(config or text_config(num_kv_shared_layers)).eval()
+
+
+def gemma3_text_config(**overrides):
+    """A Gemma-3 text model: six layers, two sliding to one full, window 8."""
+    from transformers import Gemma3TextConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=512,
+    )
+    return Gemma3TextConfig(**{**settings, **overrides})
+
+
+def gemma3_vision_config(**text_overrides):
+    """A Gemma-3 multimodal config: a one-layer SigLIP tower on 16x16 images, four soft tokens per image."""
+    from transformers import Gemma3Config
+
+    return Gemma3Config(
+        text_config=gemma3_text_config(**text_overrides).to_dict(),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+        ),
+        mm_tokens_per_image=4,
+        image_token_index=255,
+        boi_token_index=254,
+        eoi_token_index=253,
+    )
+
+
+def gemma3n_text_config(num_kv_shared_layers: int = 2, **overrides):
+    """A Gemma-3n text model: six layers, two sliding to one full, window 8, the last ``num_kv_shared_layers``
+    KV-shared (the configuration of docs/bugs/kv-sharing-without-cache.md)."""
+    from transformers import Gemma3nTextConfig
+
+    settings = dict(
+        vocab_size=256,
+        vocab_size_per_layer_input=256,
+        hidden_size=64,
+        hidden_size_per_layer_input=16,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=8,
+        num_kv_shared_layers=num_kv_shared_layers,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        laurel_rank=8,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * 6,
+        max_position_embeddings=512,
+    )
+    return Gemma3nTextConfig(**{**settings, **overrides})
+
+
+def text_model(family: str, seed: int = 0):
+    """A tiny causal language model of ``family`` (``gemma3``, ``gemma3n`` or ``gemma4``), in eval mode."""
+    import transformers
+
+    configs = {"gemma3": gemma3_text_config, "gemma3n": gemma3n_text_config, "gemma4": lambda: text_config(2)}
+    classes = {"gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM", "gemma4": "Gemma4ForCausalLM"}
+    torch.manual_seed(seed)
+    return getattr(transformers, classes[family])(configs[family]()).eval()
+
+
+def per_layer_inputs_model(family: str, dtype: torch.dtype = torch.float32):
+    """A tiny Gemma-4 (hidden 96: ``sqrt(96)`` is not a bfloat16 number) or Gemma-3n causal language model whose
+    per-layer inputs count: random per-layer weights, and Gemma-3n's AltUp correction scale, which starts at zero
+    (it multiplies the per-layer branch), made non-zero as in real checkpoints. In eval mode, in ``dtype``."""
+    from transformers import Gemma3nForCausalLM, Gemma4ForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gemma4":
+        model = Gemma4ForCausalLM(text_config(2, hidden_size=96))
+    else:
+        model = Gemma3nForCausalLM(gemma3n_text_config())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "per_layer" in name or "correct_output_scale" in name:
+                parameter.normal_(std=0.5)
+    return model.eval().to(dtype)
+
+
+def input_ids(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
+    """Random text tokens, none of them special."""
+    return torch.randint(0, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def image_prompt(soft_tokens: int = 4) -> torch.Tensor:
+    """Text around one image: ``boi``, ``soft_tokens`` image tokens, ``eoi``."""
+    image = [SPECIAL_TOKENS["boi_token_id"], *[SPECIAL_TOKENS["image_token_id"]] * soft_tokens, SPECIAL_TOKENS["eoi_token_id"]]
+    return torch.tensor([[2, 17, 42, *image, 99, 7]])
+
+
+def image_patches(grid: int = 4, seed: int = 2, patch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image as the processor hands it over: ``grid * grid`` patches of 3 * patch_size**2 pixels, and their
+    (x, y) positions. The vision tower pools them into ``(grid // 2) ** 2`` soft tokens."""
+    pixels = torch.rand(1, grid * grid, 3 * patch_size**2, generator=torch.Generator().manual_seed(seed))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return pixels, torch.stack([xs.flatten(), ys.flatten()], dim=-1).unsqueeze(0)
+
+
+def word_tokenizer():
+    """A tokenizer of the words ``w0`` to ``w99`` (ids 4 to 103), built here, since nothing can be downloaded.
+    Like Gemma's own tokenizers it returns no token types."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"w{i}" for i in range(100))]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def sentences(count: int = 8, words: int = 11) -> list[str]:
+    """Text-only training rows of ``w...`` words, all the same length."""
+    return [" ".join(f"w{(row * 7 + i * 3) % 100}" for i in range(words)) for row in range(count)]
