@@ -1,4 +1,4 @@
-"""``python -m rewriter demo``: show each Gemma-4 bug on the unpatched source, compile, and show it fixed."""
+"""``python -m rewriter demo``: show Gemma-4 and Gemma-3 bugs on the unpatched source, compile, and show them fixed."""
 
 from __future__ import annotations
 
@@ -104,6 +104,36 @@ def text_only_image_hidden_states() -> tuple[bool, str]:
     return value is None, f"image_hidden_states = {value}"
 
 
+def processor_bos() -> tuple[bool, str]:
+    """processor-double-bos: the processor puts a second ``<bos>`` before a prompt ``apply_chat_template`` rendered."""
+    processor = testing.processor("gemma3")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "w1 w2"}]}]
+    ids = processor(text=processor.apply_chat_template(messages, tokenize=False))["input_ids"][0]
+    count = next(i for i, token in enumerate(ids) if token != processor.tokenizer.bos_token_id)
+    return count == 1, f"{count} <bos> before the prompt"
+
+
+def flash_attention_images() -> tuple[bool, str]:
+    """flash-attention-image-mask: under FlashAttention (a CPU stand-in of its kernel), Gemma-3 image tokens lose
+    the bidirectional mask over their image."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = testing.gemma3_vision_config(sliding_window=512)
+    config._attn_implementation = "sdpa"
+    model = Gemma3ForConditionalGeneration(config).eval()
+    ids = testing.image_prompt()
+    inputs = {"input_ids": ids, "pixel_values": torch.rand(1, 3, 16, 16), "token_type_ids": (ids == 255).long()}
+    with torch.no_grad(), testing.flash_attention_stand_in():
+        sdpa = model(**inputs).logits
+        testing.use_attention(model, "flash_attention_2")
+        try:
+            gap = (model(**inputs).logits - sdpa).abs().max().item()
+        except ValueError:
+            return True, "image batch refused (ValueError)"
+    return False, f"image batch runs, max |logits - sdpa's| = {gap:.3g}"
+
+
 ROTARY_ORDER = """
 import sys
 import rewriter
@@ -133,6 +163,7 @@ def rotary_buffer_order() -> tuple[bool, str]:
     return orders[0] == orders[1], f"hash seed 0: {orders[0]}; hash seed 1: {orders[1]}"
 
 
+FAMILIES = ("gemma4", "gemma3")  # compiled by the demo, the family of each check
 CHECKS = (
     Check("1 kv-shared-slice", "StaticCache generate, num_kv_shared_layers=0", static_cache_generate),
     Check("1 kv-shared-slice", "DynamicCache sliding layers after 40 tokens", dynamic_cache_layers),
@@ -140,12 +171,14 @@ CHECKS = (
     Check("3 input-proj-dequant", "vision tower with a 4-bit packed input_proj", packed_input_proj),
     Check("4 rotary-buffer-order", "inv_freq buffer order in two processes", rotary_buffer_order),
     Check("5 per-layer-inputs-from-embeds", "bfloat16 inputs_embeds vs input_ids", inputs_embeds_bfloat16),
+    Check("6 processor-double-bos", "Gemma-3 processor on a rendered chat prompt", processor_bos),
+    Check("7 flash-attention-image-mask", "Gemma-3 image batch under FlashAttention", flash_attention_images),
 )
 # Bugs of later releases, shown where the installed release has them
 LATER_CHECKS = (
     (
         "image_hidden_states",
-        Check("6 text-only-output-properties", "image_hidden_states of a text-only output", text_only_image_hidden_states),
+        Check("8 text-only-output-properties", "image_hidden_states of a text-only output", text_only_image_hidden_states),
     ),
 )
 
@@ -167,11 +200,13 @@ def run(console) -> bool:
 
     shown = checks()
     before = [check.run() for check in shown]
-    report = rewriter.compile("gemma4")
-    console.print(report_table(report))
+    reports = [rewriter.compile(family) for family in FAMILIES]
+    for report in reports:
+        console.print(report_table(report))
     after = [check.run() for check in shown]
 
-    table = Table(title=f"Gemma-4 bugs on transformers {report.transformers_version}: unpatched vs compiled")
+    title = f"Gemma bugs on transformers {reports[0].transformers_version}: unpatched vs compiled"
+    table = Table(title=title)
     for column in ("bug", "unpatched", "after rewriter.compile", ""):
         table.add_column(column)
     for check, (_, seen), (fixed, now) in zip(shown, before, after):

@@ -77,6 +77,9 @@ LOSS_ACCUMULATION = "rewriter.rules.loss_accumulation:LossAccumulationRule"
 FP16_VISION_POOLER = "rewriter.rules.fp16_vision_pooler:FP16VisionPoolerRule"
 PER_LAYER_INPUTS_FROM_EMBEDS = "rewriter.rules.per_layer_inputs_from_embeds:PerLayerInputsFromEmbedsRule"
 TEXT_ONLY_OUTPUT_PROPERTIES = "rewriter.rules.text_only_output_properties:TextOnlyOutputPropertiesRule"
+FLASH_ATTENTION_IMAGE_MASK = "rewriter.rules.flash_attention_image_mask:FlashAttentionImageMaskRule"
+PROCESSOR_DOUBLE_BOS = "rewriter.rules.processor_double_bos:ProcessorDoubleBosRule"
+AUDIO_SDPA_FALLBACK = "rewriter.rules.audio_sdpa_fallback:AudioSdpaFallbackRule"
 ACCUMULATION_DOUBLE_DIVISION = "rewriter.rules.accumulation_double_division:AccumulationDoubleDivisionRule"
 FAMILIES = {
     "gemma3": Family(
@@ -88,7 +91,9 @@ FAMILIES = {
                 ROTARY_COMPUTE_ORDER,
                 TEXT_ONLY_TRAINING,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
-            )
+                FLASH_ATTENTION_IMAGE_MASK,
+            ),
+            "models/gemma3/processing_gemma3.py": (PROCESSOR_DOUBLE_BOS,),
         },
         requires=("trainer",),
     ),
@@ -103,7 +108,8 @@ FAMILIES = {
                 KV_SHARING_FSDP2,
                 PER_LAYER_INPUTS_FROM_EMBEDS,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
-            )
+            ),
+            "models/gemma3n/processing_gemma3n.py": (PROCESSOR_DOUBLE_BOS,),
         },
         requires=("trainer",),
     ),
@@ -123,6 +129,7 @@ FAMILIES = {
                 FP16_VISION_POOLER,
                 PER_LAYER_INPUTS_FROM_EMBEDS,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
+                AUDIO_SDPA_FALLBACK,
             ),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),

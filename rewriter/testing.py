@@ -234,3 +234,97 @@ def word_tokenizer():
 def sentences(count: int = 8, words: int = 11) -> list[str]:
     """Text-only training rows of ``w...`` words, all the same length."""
     return [" ".join(f"w{(row * 7 + i * 3) % 100}" for i in range(words)) for row in range(count)]
+
+
+CHAT_TEMPLATE = (  # Gemma's shape: the template writes <bos> itself
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message['role'] }} {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>{% else %}{{ part['text'] }}{% endif %} {% endfor %}<end_of_turn> "
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}"
+)
+MEDIA_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+    "boa_token": "<start_of_audio>",
+    "eoa_token": "<end_of_audio>",
+    "audio_token": "<audio_soft_token>",
+}
+
+
+def chat_tokenizer():
+    """A word-level tokenizer of ``w0`` to ``w99`` and the chat and media tokens, which, as Gemma's, puts ``<bos>``
+    before what it encodes, and whose chat template writes ``<bos>`` itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *MEDIA_TOKENS.values()]
+    vocabulary = {word: i for i, word in enumerate([*specials, "user", "model", *(f"w{i}" for i in range(100))])}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(specials)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        extra_special_tokens=MEDIA_TOKENS,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def processor(family: str):
+    """A Gemma-3 or Gemma-3n processor of ``chat_tokenizer`` and real image (and audio) processors, Pillow's, four
+    soft tokens an image or a clip."""
+    tokenizer = chat_tokenizer()
+    if family == "gemma3n":
+        from transformers import Gemma3nProcessor, SiglipImageProcessor
+        from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
+
+        parts = (Gemma3nAudioFeatureExtractor(), SiglipImageProcessor(), tokenizer)
+        return Gemma3nProcessor(*parts, chat_template=CHAT_TEMPLATE, audio_seq_length=4, image_seq_length=4)
+    from transformers import Gemma3Processor
+
+    try:
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil as ImageProcessor
+    except ImportError:  # before 5.15.0 the Pillow processor is the plain one
+        from transformers.models.gemma3.image_processing_gemma3 import Gemma3ImageProcessor as ImageProcessor
+    return Gemma3Processor(ImageProcessor(), tokenizer, chat_template=CHAT_TEMPLATE, image_seq_length=4)
+
+
+def flash_attention_stand_in():
+    """A context manager under which ``"flash_attention_2"`` runs what FlashAttention-2 computes, on the CPU through
+    sdpa: causal attention over a 2D padding mask, the only mask FlashAttention takes (sliding windows aside)."""
+    import contextlib
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def flash_attention(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise AssertionError(f"FlashAttention takes a 2D padding mask, not {tuple(attention_mask.shape)}")
+        queries, keys = query.shape[2], key.shape[2]
+        causal = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
+        mask = causal if attention_mask is None else causal & attention_mask[:, None, None, -keys:].bool()
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, mask.expand(query.shape[0], 1, -1, -1), **kwargs)
+
+    @contextlib.contextmanager
+    def installed():
+        mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+        before = mapping["flash_attention_2"]
+        mapping["flash_attention_2"] = flash_attention
+        try:
+            yield
+        finally:
+            mapping["flash_attention_2"] = before
+
+    return installed()
+
+
+def use_attention(model, implementation: str) -> None:
+    """Make a Gemma-3 multimodal model's text layers and masks use ``implementation`` (the vision tower keeps its own)."""
+    model.config.text_config._attn_implementation = implementation
+    model.model.language_model.config._attn_implementation = implementation  # a copy of its own in 4.x

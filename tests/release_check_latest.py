@@ -8,6 +8,9 @@ patched. Prints one JSON object.
   batches, and a real text-only and image forward of Gemma-4 and Gemma-3: the property raises, or gives ``None``
   (5.23.0's field did) and the pooled features when there is an image.
 - per-layer-inputs-from-embeds: logits from ``inputs_embeds`` against the ``input_ids`` path on the same weights.
+- flash-attention-image-mask: Gemma-3 built for FlashAttention (refused, or let through), and image and text
+  batches under it against sdpa on the same weights.
+- processor-double-bos: how many ``<bos>`` the Gemma-3 and Gemma-3n processors put before a rendered chat prompt.
 
 Used by tests/test_latest_release.py; kept a plain script so that it runs under whatever transformers that
 environment has.
@@ -85,8 +88,54 @@ def inputs_embeds_gaps() -> dict:
     return gaps
 
 
+def flash_attention() -> dict:
+    """Gemma-3 under FlashAttention: what building the model raises (no FlashAttention package here: ImportError
+    means the model itself let it through), and, through ``testing.flash_attention_stand_in``, an image batch and
+    a text batch against sdpa on the same weights."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = testing.gemma3_vision_config(sliding_window=512)
+    config._attn_implementation = "flash_attention_2"
+    found = {"load": read(lambda: Gemma3ForConditionalGeneration(config))}
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    ids = testing.image_prompt()
+    image = {"input_ids": ids, "pixel_values": torch.rand(1, 3, 16, 16), "token_type_ids": (ids == 255).long()}
+    text = {"input_ids": testing.input_ids(batch=2, length=10)}
+    for name, inputs in (("image", image), ("text", text)):
+        with torch.no_grad():
+            sdpa = model(**inputs).logits
+            testing.use_attention(model, "flash_attention_2")
+            try:
+                with testing.flash_attention_stand_in():
+                    found[name] = (model(**inputs).logits - sdpa).abs().max().item()
+            except ValueError as error:
+                found[name] = type(error).__name__
+            testing.use_attention(model, "sdpa")
+    return found
+
+
+def processor_bos() -> dict:
+    """How many ``<bos>`` the processors put before a prompt that ``apply_chat_template(tokenize=False)`` rendered."""
+    found = {}
+    for family in ("gemma3", "gemma3n"):
+        processor = testing.processor(family)
+        messages = [{"role": "user", "content": [{"type": "text", "text": "w1 w2"}]}]
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = processor(text=prompt)["input_ids"][0]
+        found[family] = next(i for i, token in enumerate(ids) if token != processor.tokenizer.bos_token_id)
+    return found
+
+
 def checks() -> dict:
-    return {"output_properties": output_properties(), "forward": multimodal_forward(), "inputs_embeds": inputs_embeds_gaps()}
+    return {
+        "output_properties": output_properties(),
+        "forward": multimodal_forward(),
+        "inputs_embeds": inputs_embeds_gaps(),
+        "flash_attention": flash_attention(),
+        "processor_bos": processor_bos(),
+    }
 
 
 def main(cache_dir: str) -> dict:

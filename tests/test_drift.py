@@ -119,7 +119,7 @@ def functions():
     }
 
 
-NOT_NEEDED = {"text-only-output-properties"}  # on 5.5.0
+NOT_NEEDED = {"text-only-output-properties", "audio-sdpa-fallback"}  # on 5.5.0
 # kv-sharing-fsdp2 rewrites the shared K/V dict that kv-sharing-without-cache inserts.
 DRIFTS_WITH = {"kv-sharing-without-cache": ("kv-sharing-fsdp2",)}
 TOUCHED_BY = {
@@ -136,6 +136,7 @@ TOUCHED_BY = {
     "kv-sharing-fsdp2": {"Gemma4TextModel.forward"},
     "per-layer-inputs-from-embeds": {"Gemma4TextModel.get_per_layer_inputs"},
     "text-only-output-properties": set(),  # not needed on 5.5.0
+    "audio-sdpa-fallback": set(),  # not needed on 5.5.0
     "input-proj-dequant": {"Gemma4VisionPatchEmbedder.__init__", "Gemma4VisionPatchEmbedder.forward"},
     "rotary-buffer-order": {"Gemma4TextRotaryEmbedding.__init__"},
     "rotary-compute-order": {"Gemma4TextModel.__init__"},

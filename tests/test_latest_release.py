@@ -5,6 +5,9 @@
   and Gemma-4 outputs raise ``AttributeError`` on a text-only batch; the oracle is 5.23.0, whose fields were
   ``None`` there. With an image, the patched property still gives the pooled features.
 - per-layer-inputs-from-embeds (every release): the oracle is the ``input_ids`` path on the same weights.
+- flash-attention-image-mask: 5.24.0 on refuse FlashAttention at load, text-only included; patched the load goes
+  through (to the missing package here), images are refused at the forward and text runs as sdpa does.
+- processor-double-bos (every release): the oracle is ``apply_chat_template(tokenize=True)``, one ``<bos>``.
 """
 
 from __future__ import annotations
@@ -54,3 +57,15 @@ def test_inputs_embeds_give_the_logits_of_input_ids_only_patched(result):
     assert unpatched["gemma4 bfloat16"] == "RuntimeError" and unpatched["gemma4 float32"] == 0.0
     assert unpatched["gemma3n float32"] > 0.1 and unpatched["gemma3n bfloat16"] > 0.1
     assert patched == dict.fromkeys(unpatched, 0.0)
+
+
+def test_flash_attention_is_refused_for_images_only_patched(result):
+    unpatched, patched = result["unpatched"]["flash_attention"], result["patched"]["flash_attention"]
+    assert unpatched["load"] == "ValueError" and patched["load"] == "ImportError"  # refused; then the package's turn
+    assert unpatched["image"] > 1e-3 and patched["image"] == "ValueError"
+    assert unpatched["text"] < 1e-5 and patched["text"] < 1e-5
+
+
+def test_processors_put_one_bos_only_patched(result):
+    assert result["unpatched"]["processor_bos"] == {"gemma3": 2, "gemma3n": 2}
+    assert result["patched"]["processor_bos"] == {"gemma3": 1, "gemma3n": 1}

@@ -64,6 +64,11 @@ def text_only_output_properties(version: str, sites: int) -> tuple[str, int]:
     return (APPLIED, sites) if release(version) >= (5, 24) else (NOT_NEEDED, 0)
 
 
+def flash_attention_image_mask(version: str) -> tuple[str, int]:
+    """The forward's guard in every release; from 5.24.0 also both classes' ``__init__``, which refuse FlashAttention."""
+    return APPLIED, 3 if release(version) >= (5, 24) else 1
+
+
 def kv_shared_slice(version: str) -> tuple[str, int]:
     """Two trimming sites up to 5.9.0, one from 5.10.1 (StaticCache's is guarded by ``> 0``), fixed in 5.14.0."""
     if release(version) >= (5, 14):
@@ -86,6 +91,8 @@ def gemma4(version: str) -> dict[str, tuple[str, int]]:
         "fp16-vision-pooler": (APPLIED, 2) if release(version) < (5, 10) else (NOT_NEEDED, 0),
         "per-layer-inputs-from-embeds": (APPLIED, 1),  # open upstream
         "text-only-output-properties": text_only_output_properties(version, sites=4),
+        # the audio tower refuses sdpa from 5.20.0; before, it supports it (and forcing eager would invert its mask)
+        "audio-sdpa-fallback": (APPLIED, 1) if release(version) >= (5, 20) else (NOT_NEEDED, 0),
     }
 
 
@@ -97,6 +104,8 @@ MATRIX = {
             "rotary-compute-order": rotary_compute_order(version),
             "text-only-training": text_only_training(version),
             "text-only-output-properties": text_only_output_properties(version, sites=2),
+            "flash-attention-image-mask": flash_attention_image_mask(version),
+            "processor-double-bos": (APPLIED, 1),  # open upstream
         }
         for version in FAMILIES["gemma3"].releases
     },
@@ -109,6 +118,7 @@ MATRIX = {
             "kv-sharing-fsdp2": kv_sharing_fsdp2(version),
             "per-layer-inputs-from-embeds": (APPLIED, 1),  # open upstream
             "text-only-output-properties": text_only_output_properties(version, sites=4),
+            "processor-double-bos": (APPLIED, 1),  # open upstream
         }
         for version in FAMILIES["gemma3n"].releases
     },
@@ -160,6 +170,7 @@ def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
         ("fp16-vision-pooler", "models/gemma4/modeling_gemma4.py"),
         ("per-layer-inputs-from-embeds", "models/gemma4/modeling_gemma4.py"),
         ("per-layer-inputs-from-embeds", "models/gemma3n/modeling_gemma3n.py"),
+        ("flash-attention-image-mask", "models/gemma3/modeling_gemma3.py"),
         # the training check on token types, in two families rewriter does not patch as well
         *(("text-only-training", f"models/{model}/modeling_{model}.py") for model in ("gemma3", "gemma4", "git", "paligemma")),
     }
