@@ -119,8 +119,9 @@ def compile(
 
 
 def compile_on_import(*families: str, **options) -> dict[str, CompileReport]:
-    """Compile each family (default: every family) when the program imports its modeling module, at once for those
-    it already imported; the reports of those come back, the others are ``compiled(family)`` once imported.
+    """Compile each family (default: every family) when the program first imports one of its model's modules
+    (modeling or processing), at once for those it already imported; the reports of those come back, the others are
+    ``compiled(family)`` once imported.
 
     ``options`` are ``compile``'s. A family's patch runs right after transformers imports its module and before
     the import returns, so no model is built unpatched; a family whose module is never imported costs nothing.
@@ -128,7 +129,8 @@ def compile_on_import(*families: str, **options) -> dict[str, CompileReport]:
     """
     chosen = [get_family(name) for name in families or FAMILIES]
     for family in chosen:
-        onimport.when_imported(family.modeling_module, family.name, lambda name=family.name: compile(name, **options))
+        for module in family.entry_modules:  # the first one imported compiles the family, patching every file
+            onimport.when_imported(module, family.name, lambda name=family.name: compile(name, **options))
     return {family.name: _installed[family.name].report for family in chosen if family.name in _installed}
 
 

@@ -59,7 +59,7 @@ def find_or_build(
     try:
         if user.root.exists():
             check_trusted(user.root)
-    except OSError as error:
+    except OSError as error:  # lookup skipped it unread
         _warn_once(str(user.root), f"rewriter: not using cache folder {user.root} ({error}); compiling in memory")
         return Entry(None, *build(family, sources)), "memory"
     with user.lock(key):

@@ -118,6 +118,15 @@ class CacheDir:
         self.root = Path(os.path.abspath(root))
         self.shipped = shipped
 
+    def trusted(self) -> bool:
+        """Whether the root is missing, or no symlink and writable by its owner (the user or root) only."""
+        try:
+            if self.root.exists():
+                check_trusted(self.root)
+        except OSError:
+            return False
+        return True
+
     def manifest(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
@@ -323,8 +332,11 @@ def caches(cache_dir: str | os.PathLike | None = None, *, use_shipped: bool = Tr
 
 def lookup(key: str, sources: dict[str, str], cache_dir=None, *, use_shipped: bool = True) -> tuple[Entry, str] | None:
     """The entry ``key`` for ``sources`` from the first of ``caches`` that holds a good one, and that cache's
-    name; ``None`` on a miss (a bad entry is a logged miss)."""
+    name; ``None`` on a miss (a bad entry is a logged miss, a user cache folder someone else could write is skipped
+    unread: ``check_trusted``)."""
     for name, cache in caches(cache_dir, use_shipped=use_shipped).items():
+        if not cache.shipped and not cache.trusted():
+            continue
         entry = cache.load(key, sources)
         if entry is not None:
             return entry, name

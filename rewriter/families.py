@@ -44,9 +44,11 @@ class Family:
         return tuple(self.files)
 
     @property
-    def modeling_module(self) -> str:
-        """The module whose import means the program uses this family: its model's, else its only file's."""
-        return module_name(next((target for target in self.files if target.startswith("models/")), self.targets[0]))
+    def entry_modules(self) -> tuple[str, ...]:
+        """The modules whose import means the program uses this family: its model's files (modeling, processing),
+        else its only file's."""
+        models = [target for target in self.files if target.startswith("models/")] or [self.targets[0]]
+        return tuple(map(module_name, models))
 
     def rules(self) -> tuple[tuple[str, type], ...]:
         """``(file, rule class)`` in the order they run. Imports LibCST."""
@@ -90,6 +92,7 @@ FAMILIES = {
                 ROTARY_BUFFER_ORDER,
                 ROTARY_COMPUTE_ORDER,
                 TEXT_ONLY_TRAINING,
+                LOSS_ACCUMULATION,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
                 FLASH_ATTENTION_IMAGE_MASK,
             ),
@@ -107,6 +110,7 @@ FAMILIES = {
                 GEMMA3N_KV_SHARING_WITHOUT_CACHE,
                 KV_SHARING_FSDP2,
                 PER_LAYER_INPUTS_FROM_EMBEDS,
+                LOSS_ACCUMULATION,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
             ),
             "models/gemma3n/processing_gemma3n.py": (PROCESSOR_DOUBLE_BOS,),

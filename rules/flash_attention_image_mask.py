@@ -7,7 +7,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
-from rewriter.rules.matchers import IN_FORWARD, IN_INIT, assigns_self
+from rewriter.rules.matchers import IN_FORWARD, IN_INIT, SUPER_INIT, assigns_self
 
 IN_MODEL = m.ClassDef(name=m.Name("Gemma3Model"))
 IN_MULTIMODAL = m.ClassDef(name=m.Name("Gemma3Model") | m.Name("Gemma3ForConditionalGeneration"))
@@ -15,9 +15,6 @@ REFUSES_FLASH = m.SimpleStatementLine(
     body=[m.Assign(targets=[m.AssignTarget(m.Name("_supports_flash_attn"))], value=m.Name("False"))]
 )
 ALLOWS_FLASH = assigns_self(m.Name("_supports_flash_attn"))
-SUPER_INIT = m.SimpleStatementLine(
-    body=[m.Expr(m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__"))))]
-)
 # `if not isinstance(causal_mask_mapping := attention_mask, dict):`, where the forward builds its masks
 BUILDS_MASKS = m.If(
     test=m.UnaryOperation(
@@ -39,7 +36,7 @@ if "flash" in (self.config.get_text_config()._attn_implementation or "") and inp
         )
 """
 IMAGES = "pixel_values is not None or (token_type_ids is not None and bool((token_type_ids == 1).any()))"
-ENCODED_IMAGES = ' or mm_encoder_outputs.get("image") is not None'  # 5.20.0 on: image features may be passed in
+ENCODED_IMAGES = ' or (mm_encoder_outputs or {}).get("image") is not None'  # 5.18.0 on: features may be passed in
 ALLOW_FLASH = "self._supports_flash_attn = True  # text-only inputs run with Flash Attention; forward refuses images\n"
 
 
@@ -125,7 +122,7 @@ class FlashAttentionImageMaskRule(Rule):
                 def forward(self, pixel_values=None, attention_mask=None, token_type_ids=None, mm_encoder_outputs=None):
                     # Flash Attention takes a 2D padding mask only: it would drop the bidirectional mask over image tokens
                     if "flash" in (self.config.get_text_config()._attn_implementation or "") and inputs_embeds.shape[1] > 1:
-                        if pixel_values is not None or (token_type_ids is not None and bool((token_type_ids == 1).any())) or mm_encoder_outputs.get("image") is not None:
+                        if pixel_values is not None or (token_type_ids is not None and bool((token_type_ids == 1).any())) or (mm_encoder_outputs or {}).get("image") is not None:
                             raise ValueError(
                                 "Gemma-3 attends bidirectionally within each image, which Flash Attention cannot: run inputs with images "
                                 "with attn_implementation='sdpa', 'eager' or 'flex_attention' (text-only inputs run with Flash Attention)"
@@ -181,8 +178,8 @@ class FlashAttentionImageMaskRule(Rule):
     @m.call_if_inside(IN_MODEL)
     @m.leave(IN_FORWARD)
     def refuse_images(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
-        if m.findall(updated_node, FLASH_TEST):
-            self.found_fixed()
+        if any(m.findall(node.test, FLASH_TEST) and m.findall(node.body, m.Raise()) for node in m.findall(updated_node, m.If())):
+            self.found_fixed()  # a forward that already refuses something under FlashAttention
             return updated_node
         body = list(updated_node.body.body)
         at = next((i for i, statement in enumerate(body) if m.matches(statement, BUILDS_MASKS)), None)

@@ -1,4 +1,4 @@
-"""LibCST matchers of transformers' code that more than one rule reads."""
+"""LibCST matchers of transformers' code that rules share, and the builders of such matchers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ IN_FORWARD = m.FunctionDef(name=m.Name("forward"))
 IN_TEXT_ATTENTION = m.ClassDef(name=m.Name(m.MatchIfTrue(lambda name: name.endswith("TextAttention"))))
 IN_TEXT_MODEL = m.ClassDef(name=m.Name(m.MatchIfTrue(lambda name: name.endswith("TextModel"))))
 IS_KV_SHARED_LAYER = m.Attribute(value=SELF, attr=m.Name("is_kv_shared_layer"))
+# ``super().__init__(...)`` alone on a line
+SUPER_INIT = m.SimpleStatementLine(
+    body=[m.Expr(m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__"))))]
+)
 LAYER_TYPES = m.Attribute(attr=m.Name("layer_types"))
 SET_OF_LAYER_TYPES = m.Call(func=m.Name("set"), args=[m.Arg(LAYER_TYPES)])
 SORTED_LAYER_TYPES = m.Call(func=m.Name("sorted"), args=[m.Arg(SET_OF_LAYER_TYPES | LAYER_TYPES)])

@@ -10,7 +10,7 @@ from rewriter.rule import Rule
 from rewriter.rules.matchers import IN_FORWARD, SELF, is_none, is_not_none
 
 INPUT_IDS = m.Name("input_ids")
-IN_TEXT_MODEL = m.ClassDef(name=m.Name(m.MatchRegex(r"Gemma(3n|4)TextModel")))
+IN_PER_LAYER_TEXT_MODEL = m.ClassDef(name=m.Name(m.MatchRegex(r"Gemma(3n|4)TextModel")))
 IN_GET_PER_LAYER_INPUTS = m.FunctionDef(name=m.Name("get_per_layer_inputs"))
 NO_INPUT_IDS = m.If(test=is_none(INPUT_IDS))
 INPUT_IDS_GIVEN = m.If(test=is_not_none(INPUT_IDS))
@@ -81,7 +81,7 @@ class PerLayerInputsFromEmbedsRule(Rule):
 
     id = "per-layer-inputs-from-embeds"
     marker = "get_per_layer_inputs"
-    scope = IN_TEXT_MODEL
+    scope = IN_PER_LAYER_TEXT_MODEL
     expected = (
         "Gemma4TextModel.get_per_layer_inputs comparing `inputs_embeds` with `self.embed_tokens.weight` under "
         "`if input_ids is None:`, or Gemma3nTextModel.forward looking per-layer inputs up under "
@@ -201,7 +201,7 @@ class PerLayerInputsFromEmbedsRule(Rule):
         template = cst.parse_statement(GEMMA3N_LOOKUP, config=self.module.config_for_parsing)
         return updated_node.with_changes(orelse=template.orelse)
 
-    @m.leave(IN_TEXT_MODEL)
+    @m.leave(IN_PER_LAYER_TEXT_MODEL)
     def define_lookup(self, original_node: cst.ClassDef, updated_node: cst.ClassDef):
         if not self.sites:
             return updated_node

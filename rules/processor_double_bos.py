@@ -11,8 +11,8 @@ from rewriter.rules.matchers import SELF
 
 IN_PROCESSOR = m.ClassDef(name=m.Name(m.MatchRegex(r"Gemma\w*Processor")))
 IN_CALL = m.FunctionDef(name=m.Name("__call__"))
-# the statement before which the text is tokenized: `output_kwargs = self._merge_kwargs(...)` (4.53.0 to 5.14.1, the
-# processor tokenizes itself), `model_inputs = super().__call__(...)` (5.15.0 on, `ProcessorMixin` does)
+# the statement before which the text is tokenized: `output_kwargs = self._merge_kwargs(...)` (the processor tokenizes
+# itself: Gemma-3 to 5.14.1, Gemma-3n to 5.22.2), `model_inputs = super().__call__(...)` (`ProcessorMixin` does)
 MERGE_KWARGS = m.Call(func=m.Attribute(value=SELF, attr=m.Name("_merge_kwargs")))
 SUPER_CALL = m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__call__")))
 TOKENIZES_NEXT = m.SimpleStatementLine(body=[m.Assign(value=MERGE_KWARGS | SUPER_CALL)])

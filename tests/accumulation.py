@@ -1,6 +1,7 @@
 """One Trainer step over the same four rows, as one batch of 4 or as 4 accumulated batches of 1.
 
-Shared by tests/test_trainers.py and tests/fixtures/make_accumulation_reference.py (which runs it under a release
+Shared by tests/test_trainers.py, tests/release_check.py, tests/release_check_loss_accumulation.py (its Trainer
+arguments) and tests/fixtures/make_accumulation_reference.py (which runs it under a release
 that fixed the accumulation bugs natively), so both compute on the same weights: every parameter is drawn from one
 seeded generator in name order, whatever the release's initialisation does.
 """
@@ -28,16 +29,12 @@ def seeded_model():
     return model
 
 
-def train_one_step(batch_size: int, accumulation: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """The logged loss of one SGD step with ``Trainer``, and every parameter after it."""
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+def one_sgd_step(batch_size: int, accumulation: int):
+    """``Trainer`` arguments of one plain SGD step (learning rate 0.1, no clipping) over ``batch_size`` x
+    ``accumulation`` rows on the CPU, logged, nothing saved."""
+    from transformers import TrainingArguments
 
-    rows = ROWS.tolist()
-    all_text = [[0] * len(row) for row in rows]  # the unpatched release needs token types; patched, it does not
-    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows, "mm_token_type_ids": all_text})
-    model = seeded_model()
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="accumulation-"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
@@ -51,6 +48,18 @@ def train_one_step(batch_size: int, accumulation: int) -> tuple[float, dict[str,
         report_to=[],
         use_cpu=True,
     )
+
+
+def train_one_step(batch_size: int, accumulation: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """The logged loss of one SGD step with ``Trainer``, and every parameter after it."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    rows = ROWS.tolist()
+    all_text = [[0] * len(row) for row in rows]  # the unpatched release needs token types; patched, it does not
+    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows, "mm_token_type_ids": all_text})
+    model = seeded_model()
+    args = one_sgd_step(batch_size, accumulation)
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     return trainer.state.log_history[0]["loss"], {name: p.detach().clone() for name, p in model.named_parameters()}

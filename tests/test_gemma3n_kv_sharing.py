@@ -170,6 +170,7 @@ def test_a_restructured_store_is_drift_and_strict_installs_nothing(tmp_path, mon
         "kv-sharing-without-cache": "drift",
         "kv-sharing-fsdp2": "drift",  # what it rewrites is the dict the drifted rule would have inserted
         "per-layer-inputs-from-embeds": "applied",
+        "loss-accumulation": "applied",
         "text-only-output-properties": "not_needed",  # a property from 5.24.0
         "processor-double-bos": "applied",
     }

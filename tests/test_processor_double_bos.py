@@ -12,6 +12,7 @@ from PIL import Image
 
 import rewriter
 from rewriter import testing
+from tests.conftest import run_python
 
 FAMILIES = ["gemma3", "gemma3n"]
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "w1 w2 w3"}]}]
@@ -54,3 +55,20 @@ def test_patched_gemma3_processor_with_an_image_puts_bos_once(cache_dir):
     inputs = processor(text=prompt, images=[image])
     assert inputs["input_ids"][0] == processor(text=prompt, images=[image], add_special_tokens=False)["input_ids"][0]
     assert inputs["input_ids"][0][:2] == [BOS, 4] and inputs["token_type_ids"][0].count(1) == 4
+
+
+def test_compile_on_import_patches_a_program_that_imports_only_the_processor(cache_dir):
+    """Data preparation often imports the processor alone, before (or without) any model."""
+    code = f"""
+import rewriter
+from rewriter import testing
+from tests.conftest import run_python
+
+rewriter.compile_on_import(cache_dir={str(cache_dir)!r})
+processor = testing.processor("gemma3")
+prompt = processor.apply_chat_template({MESSAGES!r}, tokenize=False)
+print(rewriter.compiled("gemma3").outcome("processor-double-bos").status, processor(text=prompt)["input_ids"][0][:2])
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[0] == f"applied [{BOS}, 4]"

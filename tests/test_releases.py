@@ -103,6 +103,8 @@ MATRIX = {
             "rotary-buffer-order": rotary_buffer_order(version),
             "rotary-compute-order": rotary_compute_order(version),
             "text-only-training": text_only_training(version),
+            # 4.57.0 declares accepts_loss_kwargs = False (its own mean loss); 5.17.0 calls self.loss_function instead
+            "loss-accumulation": (APPLIED, 1) if release(version) < (4, 57) else (NOT_NEEDED, 0),
             "text-only-output-properties": text_only_output_properties(version, sites=2),
             "flash-attention-image-mask": flash_attention_image_mask(version),
             "processor-double-bos": (APPLIED, 1),  # open upstream
@@ -117,6 +119,7 @@ MATRIX = {
             "kv-sharing-without-cache": (APPLIED, 3) if release(version) < (5, 6) else (NOT_NEEDED, 0),
             "kv-sharing-fsdp2": kv_sharing_fsdp2(version),
             "per-layer-inputs-from-embeds": (APPLIED, 1),  # open upstream
+            "loss-accumulation": (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0),  # as Gemma-4
             "text-only-output-properties": text_only_output_properties(version, sites=4),
             "processor-double-bos": (APPLIED, 1),  # open upstream
         }
@@ -171,6 +174,7 @@ def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
         ("per-layer-inputs-from-embeds", "models/gemma4/modeling_gemma4.py"),
         ("per-layer-inputs-from-embeds", "models/gemma3n/modeling_gemma3n.py"),
         ("flash-attention-image-mask", "models/gemma3/modeling_gemma3.py"),
+        ("loss-accumulation", "models/gemma3n/modeling_gemma3n.py"),
         # the training check on token types, in two families rewriter does not patch as well
         *(("text-only-training", f"models/{model}/modeling_{model}.py") for model in ("gemma3", "gemma4", "git", "paligemma")),
     }
