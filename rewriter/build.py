@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterator
 
 from rewriter import install as installer
-from rewriter.cache import Entry, check_trusted, components_key, lookup, sha256, user_cache
+from rewriter.cache import Entry, components_key, lookup, sha256, user_cache
 from rewriter.families import Family, module_name
 from rewriter.report import RuleOutcome
 
@@ -56,11 +56,9 @@ def find_or_build(
     if found is not None:
         return found
     user = user_cache(cache_dir)
-    try:
-        if user.root.exists():
-            check_trusted(user.root)
-    except OSError as error:  # lookup skipped it unread
-        _warn_once(str(user.root), f"rewriter: not using cache folder {user.root} ({error}); compiling in memory")
+    why = user.why_untrusted()
+    if why is not None:  # lookup skipped it unread
+        _warn_once(str(user.root), f"rewriter: not using cache folder {user.root} ({why}); compiling in memory")
         return Entry(None, *build(family, sources)), "memory"
     with user.lock(key):
         entry = user.load(key, sources)  # built by another process while this one waited

@@ -118,14 +118,14 @@ class CacheDir:
         self.root = Path(os.path.abspath(root))
         self.shipped = shipped
 
-    def trusted(self) -> bool:
-        """Whether the root is missing, or no symlink and writable by its owner (the user or root) only."""
+    def why_untrusted(self) -> str | None:
+        """Why the root cannot be trusted (``check_trusted``), or ``None`` when it can or does not exist yet."""
         try:
             if self.root.exists():
                 check_trusted(self.root)
-        except OSError:
-            return False
-        return True
+        except OSError as error:
+            return str(error)
+        return None
 
     def manifest(self, key: str) -> Path:
         return self.root / f"{key}.json"
@@ -335,7 +335,7 @@ def lookup(key: str, sources: dict[str, str], cache_dir=None, *, use_shipped: bo
     name; ``None`` on a miss (a bad entry is a logged miss, a user cache folder someone else could write is skipped
     unread: ``check_trusted``)."""
     for name, cache in caches(cache_dir, use_shipped=use_shipped).items():
-        if not cache.shipped and not cache.trusted():
+        if not cache.shipped and cache.why_untrusted() is not None:
             continue
         entry = cache.load(key, sources)
         if entry is not None:
