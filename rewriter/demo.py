@@ -116,14 +116,7 @@ def processor_bos() -> tuple[bool, str]:
 def flash_attention_images() -> tuple[bool, str]:
     """flash-attention-image-mask: under FlashAttention (a CPU stand-in of its kernel), Gemma-3 image tokens lose
     the bidirectional mask over their image."""
-    from transformers import Gemma3ForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = testing.gemma3_vision_config(sliding_window=512)
-    config._attn_implementation = "sdpa"
-    model = Gemma3ForConditionalGeneration(config).eval()
-    ids = testing.image_prompt()
-    inputs = {"input_ids": ids, "pixel_values": torch.rand(1, 3, 16, 16), "token_type_ids": (ids == 255).long()}
+    model, inputs = testing.gemma3_image_model(), testing.gemma3_image_inputs()
     with torch.no_grad(), testing.flash_attention_stand_in():
         sdpa = model(**inputs).logits
         testing.use_attention(model, "flash_attention_2")

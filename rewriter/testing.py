@@ -324,6 +324,24 @@ def flash_attention_stand_in():
     return installed()
 
 
+def gemma3_image_model(implementation: str = "sdpa"):
+    """A Gemma-3 multimodal model (``gemma3_vision_config``, seed 0) whose text layers use ``implementation``; its
+    sliding window is wider than any test input, as ``flash_attention_stand_in`` has no window."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = gemma3_vision_config(sliding_window=512)
+    config._attn_implementation = implementation
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def gemma3_image_inputs() -> dict:
+    """``image_prompt`` with one random 16x16 image and its image token types, as the processor hands them over."""
+    ids = image_prompt()
+    image_token = gemma3_vision_config().image_token_index
+    return {"input_ids": ids, "pixel_values": torch.rand(1, 3, 16, 16), "token_type_ids": (ids == image_token).long()}
+
+
 def use_attention(model, implementation: str) -> None:
     """Make a Gemma-3 multimodal model's text layers and masks use ``implementation`` (the vision tower keeps its own)."""
     model.config.text_config._attn_implementation = implementation

@@ -109,6 +109,15 @@ def release_env(tmp_path_factory, rewriter_wheel):
     return python
 
 
+def release_check(python: Path, script: str, *args, cwd: Path, timeout: float | None = None) -> dict:
+    """The JSON object that ``tests/<script>`` prints last, run with ``args`` by ``python`` (a release's environment)
+    in ``cwd``; the test fails on a non-zero exit."""
+    command = [python, ROOT / "tests" / script, *map(str, args)]
+    check = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    assert check.returncode == 0, check.stderr[-3000:]
+    return json.loads(check.stdout.strip().splitlines()[-1])
+
+
 def release_python(version: str, folder: Path, rewriter_wheel: Path) -> Path:
     """A virtual environment with transformers ``version`` and rewriter, reusing this environment's packages
     (torch above all) for everything else."""

@@ -92,16 +92,8 @@ def flash_attention() -> dict:
     """Gemma-3 under FlashAttention: what building the model raises (no FlashAttention package here: ImportError
     means the model itself let it through), and, through ``testing.flash_attention_stand_in``, an image batch and
     a text batch against sdpa on the same weights."""
-    from transformers import Gemma3ForConditionalGeneration
-
-    config = testing.gemma3_vision_config(sliding_window=512)
-    config._attn_implementation = "flash_attention_2"
-    found = {"load": read(lambda: Gemma3ForConditionalGeneration(config))}
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    ids = testing.image_prompt()
-    image = {"input_ids": ids, "pixel_values": torch.rand(1, 3, 16, 16), "token_type_ids": (ids == 255).long()}
+    found = {"load": read(lambda: testing.gemma3_image_model("flash_attention_2"))}
+    model, image = testing.gemma3_image_model(), testing.gemma3_image_inputs()
     text = {"input_ids": testing.input_ids(batch=2, length=10)}
     for name, inputs in (("image", image), ("text", text)):
         with torch.no_grad():

@@ -19,9 +19,9 @@ import sys
 sys.modules["datasets"] = None
 
 import torch
+from accumulation import one_sgd_step  # tests/, this script's folder
 
 import rewriter
-from accumulation import one_sgd_step  # tests/, this script's folder
 from rewriter import testing
 
 ROWS = testing.input_ids(batch=4, length=12).tolist()

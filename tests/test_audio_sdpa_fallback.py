@@ -7,12 +7,9 @@ unpatched: the same weights give the same audio features, bit for bit, and the l
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import release_check
 
 # A release with the bug; while it is the latest of rewriter/releases.txt, test_latest_release's environment serves.
 RELEASE = "5.25.0"
@@ -23,10 +20,7 @@ AS_ASKED = {"model": "sdpa", "text": "sdpa", "vision": "sdpa", "audio": "eager"}
 @pytest.fixture(scope="module")
 def result(release_env, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("audio-sdpa")
-    command = [release_env(RELEASE), ROOT / "tests" / "release_check_audio_sdpa.py", folder / "cache"]
-    check = subprocess.run(command, check=False, capture_output=True, text=True, cwd=folder, timeout=600)
-    assert check.returncode == 0, check.stderr[-3000:]
-    return json.loads(check.stdout.strip().splitlines()[-1])
+    return release_check(release_env(RELEASE), "release_check_audio_sdpa.py", folder / "cache", cwd=folder, timeout=600)
 
 
 def test_the_rule_patched_the_release(result):

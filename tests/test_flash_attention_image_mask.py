@@ -21,17 +21,7 @@ IMAGE_TOKENS = slice(5, 9)  # testing.image_prompt(): <bos> 17 42 <boi> then fou
 
 @pytest.fixture
 def model():
-    from transformers import Gemma3ForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = testing.gemma3_vision_config(sliding_window=512)  # wider than any input: the stand-in has no window
-    config._attn_implementation = "sdpa"
-    return Gemma3ForConditionalGeneration(config).eval()
-
-
-def image_inputs() -> dict:
-    ids = testing.image_prompt()
-    return {"input_ids": ids, "pixel_values": torch.rand(1, 3, 16, 16), "token_type_ids": (ids == 255).long()}
+    return testing.gemma3_image_model()
 
 
 def text_inputs() -> dict:
@@ -48,8 +38,8 @@ def logits(model, implementation: str, inputs: dict) -> torch.Tensor:
 
 
 def test_unpatched_flash_attention_silently_drops_the_image_mask(model):
-    sdpa = logits(model, "sdpa", image_inputs())
-    flash = logits(model, "flash_attention_2", image_inputs())
+    sdpa = logits(model, "sdpa", testing.gemma3_image_inputs())
+    flash = logits(model, "flash_attention_2", testing.gemma3_image_inputs())
     assert (flash - sdpa)[0, IMAGE_TOKENS].abs().max() > 1e-3
     text = text_inputs()  # the stand-in is exact where FlashAttention is: text
     flash, sdpa = logits(model, "flash_attention_2", text), logits(model, "sdpa", text)
@@ -60,9 +50,9 @@ def test_patched_flash_attention_refuses_images_and_runs_text_as_sdpa(model, cac
     report = rewriter.compile("gemma3", cache_dir=cache_dir, strict=True)
     assert report.outcome("flash-attention-image-mask").status == "applied"
     with pytest.raises(ValueError, match="Flash Attention cannot"):
-        logits(model, "flash_attention_2", image_inputs())
+        logits(model, "flash_attention_2", testing.gemma3_image_inputs())
     with pytest.raises(ValueError, match="Flash Attention cannot"):  # image token types without the pixels
-        logits(model, "flash_attention_2", {key: image_inputs()[key] for key in ("input_ids", "token_type_ids")})
+        logits(model, "flash_attention_2", {key: testing.gemma3_image_inputs()[key] for key in ("input_ids", "token_type_ids")})
     text = text_inputs()
     flash, sdpa = logits(model, "flash_attention_2", text), logits(model, "sdpa", text)
     assert torch.allclose(flash[text["attention_mask"].bool()], sdpa[text["attention_mask"].bool()], atol=1e-5)
@@ -71,4 +61,4 @@ def test_patched_flash_attention_refuses_images_and_runs_text_as_sdpa(model, cac
         generated = model.generate(**text, max_new_tokens=4, do_sample=False)
     testing.use_attention(model, "sdpa")
     assert torch.equal(generated, model.generate(**text, max_new_tokens=4, do_sample=False))
-    assert torch.isfinite(logits(model, "sdpa", image_inputs())).all()  # sdpa keeps images
+    assert torch.isfinite(logits(model, "sdpa", testing.gemma3_image_inputs())).all()  # sdpa keeps images

@@ -12,13 +12,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
 from rewriter.releases import RELEASES
-from tests.conftest import ROOT
+from tests.conftest import release_check
 
 LATEST = RELEASES[-1]
 
@@ -26,10 +23,7 @@ LATEST = RELEASES[-1]
 @pytest.fixture(scope="module")
 def result(release_env, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("latest")
-    command = [release_env(LATEST), ROOT / "tests" / "release_check_latest.py", folder / "cache"]
-    check = subprocess.run(command, capture_output=True, text=True, cwd=folder)
-    assert check.returncode == 0, check.stderr[-3000:]
-    return json.loads(check.stdout.strip().splitlines()[-1])
+    return release_check(release_env(LATEST), "release_check_latest.py", folder / "cache", cwd=folder)
 
 
 def test_the_check_ran_on_the_latest_release_from_its_shipped_entries(result):

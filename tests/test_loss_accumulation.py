@@ -9,12 +9,9 @@ the same weights. By default Gemma-3n on 4.57.6 (the environment test_releases.p
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import release_check
 from tests.test_releases import APPLIED, MATRIX, accumulation_double_division, e2e_releases, release
 
 # The loss the first fixed release logs, on the seeded weights that ``weights`` names: Gemma-3 on 4.57.0 (its own
@@ -32,15 +29,7 @@ CASES = [
 
 @pytest.mark.parametrize("family, version", CASES)
 def test_loss_accumulation_end_to_end_on_an_installed_release(family, version, tmp_path, release_env):
-    python = release_env(version)
-    check = subprocess.run(
-        [python, ROOT / "tests" / "release_check_loss_accumulation.py", str(tmp_path / "cache"), family],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert check.returncode == 0, check.stderr
-    result = json.loads(check.stdout.strip().splitlines()[-1])
+    result = release_check(release_env(version), "release_check_loss_accumulation.py", tmp_path / "cache", family, cwd=tmp_path)
     assert result["transformers"] == version
     assert result["origin"] == "shipped"
     assert_accumulation_fixed(family, version, result)

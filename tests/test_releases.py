@@ -22,7 +22,7 @@ from rewriter.build import entry_key
 from rewriter.cache import shipped_cache
 from rewriter.families import FAMILIES
 from rewriter.releases import fetch_wheel, wheel_sources
-from tests.conftest import ROOT, release_tree, run_python
+from tests.conftest import release_check, release_tree, run_python
 
 APPLIED, NOT_NEEDED = "applied", "not_needed"
 
@@ -209,12 +209,7 @@ def e2e_releases(family: str, default: str) -> list[str]:
 
 @pytest.mark.parametrize("version", e2e_releases("gemma4", default=FAMILIES["gemma4"].releases[-1]))
 def test_end_to_end_on_an_installed_release(version, tmp_path, release_env):
-    python = release_env(version)
-    check = subprocess.run(
-        [python, ROOT / "tests" / "release_check.py", str(tmp_path / "cache")], capture_output=True, text=True, cwd=tmp_path
-    )
-    assert check.returncode == 0, check.stderr
-    result = json.loads(check.stdout.strip().splitlines()[-1])
+    result = release_check(release_env(version), "release_check.py", tmp_path / "cache", cwd=tmp_path)
     assert result["transformers"] == version
     assert result["origin"] == "shipped"
     outcomes = {**gemma4(version), "accumulation-double-division": accumulation_double_division(version)}
@@ -245,15 +240,7 @@ def test_end_to_end_on_an_installed_release(version, tmp_path, release_env):
 # By default one 4.x release, whose train-mode forwards build no cache: every one of them shows the bug.
 @pytest.mark.parametrize("version", e2e_releases("gemma3n", default="4.57.6"))
 def test_gemma3n_kv_sharing_end_to_end_on_an_installed_release(version, tmp_path, release_env):
-    python = release_env(version)
-    check = subprocess.run(
-        [python, ROOT / "tests" / "release_check_gemma3n.py", str(tmp_path / "cache")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert check.returncode == 0, check.stderr
-    result = json.loads(check.stdout.strip().splitlines()[-1])
+    result = release_check(release_env(version), "release_check_gemma3n.py", tmp_path / "cache", cwd=tmp_path)
     assert result["transformers"] == version
     assert result["origin"] == "shipped"
     assert {rule: tuple(status) for rule, status in result["outcomes"].items()} == MATRIX["gemma3n"][version]
