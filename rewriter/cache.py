@@ -31,7 +31,7 @@ from rewriter.families import module_name
 from rewriter.install import ModulePatch
 from rewriter.report import RuleOutcome, Status
 
-SCHEMA = 3
+SCHEMA = 4  # 4: install plans list changed class attributes
 LOCKS = ".locks"
 WRITING = ".writing-"  # a file a writer has not renamed into place yet
 SHA256 = re.compile(r"[0-9a-f]{64}")

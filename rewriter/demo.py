@@ -1,4 +1,5 @@
-"""``python -m rewriter demo``: show Gemma-4 and Gemma-3 bugs on the unpatched source, compile, and show them fixed."""
+"""``python -m rewriter demo``: show Gemma-4, Gemma-3 and Gemma-2 bugs on the unpatched source, compile, and show them
+fixed."""
 
 from __future__ import annotations
 
@@ -129,6 +130,15 @@ def flash_attention_images() -> tuple[bool, str]:
     return False, f"image batch runs, max |logits - sdpa's| = {gap:.3g}"
 
 
+def softcap_default_attention() -> tuple[bool, str]:
+    """softcap-sdpa: a Gemma-2 built with no ``attn_implementation`` runs SDPA, which drops the attention softcap."""
+    ids = testing.input_ids(batch=2)
+    model = testing.gemma2_model()
+    with torch.no_grad():
+        gap = (model(ids).logits - testing.gemma2_model("eager")(ids).logits).abs().max().item()
+    return gap == 0.0, f"{model.config._attn_implementation}: max |logits - eager's| = {gap:.3g}"
+
+
 ROTARY_ORDER = """
 import sys
 import rewriter
@@ -158,7 +168,7 @@ def rotary_buffer_order() -> tuple[bool, str]:
     return orders[0] == orders[1], f"hash seed 0: {orders[0]}; hash seed 1: {orders[1]}"
 
 
-FAMILIES = ("gemma4", "gemma3")  # compiled by the demo, the family of each check
+FAMILIES = ("gemma4", "gemma3", "gemma2")  # compiled by the demo, the families of the checks
 CHECKS = (
     Check("1 kv-shared-slice", "StaticCache generate, num_kv_shared_layers=0", static_cache_generate),
     Check("1 kv-shared-slice", "DynamicCache sliding layers after 40 tokens", dynamic_cache_layers),
@@ -168,12 +178,13 @@ CHECKS = (
     Check("5 per-layer-inputs-from-embeds", "bfloat16 inputs_embeds vs input_ids", inputs_embeds_bfloat16),
     Check("6 processor-double-bos", "Gemma-3 processor on a rendered chat prompt", processor_bos),
     Check("7 flash-attention-image-mask", "Gemma-3 image batch under FlashAttention", flash_attention_images),
+    Check("8 softcap-sdpa", "Gemma-2 default attention vs eager, softcap 1.0", softcap_default_attention),
 )
 # Bugs of later releases, shown where the installed release has them
 LATER_CHECKS = (
     (
         "image_hidden_states",
-        Check("8 text-only-output-properties", "image_hidden_states of a text-only output", text_only_image_hidden_states),
+        Check("9 text-only-output-properties", "image_hidden_states of a text-only output", text_only_image_hidden_states),
     ),
 )
 

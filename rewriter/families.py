@@ -55,10 +55,13 @@ class Family:
         return tuple((target, _load(rule)) for target, rules in self.files.items() for rule in rules)
 
     def code_files(self) -> tuple[Path, ...]:
-        """The files whose text decides a cache entry's content: every rule module (rules share code), and the
-        engine that runs and plans them."""
+        """The files whose text decides a cache entry's content: every rule module (rules share code), the engine
+        that runs and plans them, and what patched code imports."""
         rules = Path(importlib.util.find_spec("rewriter.rules").origin).parent
-        engine = (importlib.util.find_spec(name).origin for name in ("rewriter.rule", "rewriter.engine", "rewriter.install"))
+        engine = (
+            importlib.util.find_spec(name).origin
+            for name in ("rewriter.rule", "rewriter.engine", "rewriter.install", "rewriter.kv_sharing")
+        )
         return (*sorted(rules.glob("*.py")), *map(Path, engine))
 
 
@@ -82,8 +85,25 @@ TEXT_ONLY_OUTPUT_PROPERTIES = "rewriter.rules.text_only_output_properties:TextOn
 FLASH_ATTENTION_IMAGE_MASK = "rewriter.rules.flash_attention_image_mask:FlashAttentionImageMaskRule"
 PROCESSOR_DOUBLE_BOS = "rewriter.rules.processor_double_bos:ProcessorDoubleBosRule"
 AUDIO_SDPA_FALLBACK = "rewriter.rules.audio_sdpa_fallback:AudioSdpaFallbackRule"
+AUDIO_EAGER_MASK = "rewriter.rules.audio_eager_mask:AudioEagerMaskRule"
+AUDIO_FEATURES_DTYPE = "rewriter.rules.audio_features_dtype:AudioFeaturesDtypeRule"
+AUDIO_QUANTIZED_WEIGHTS = "rewriter.rules.audio_quantized_weights:AudioQuantizedWeightsRule"
+ROUTER_SOFTMAX_FLOAT32 = "rewriter.rules.router_softmax_float32:RouterSoftmaxFloat32Rule"
+SDPA_GQA_HEAD_DIM = "rewriter.rules.sdpa_gqa_head_dim:SdpaGqaHeadDimRule"
+PER_LAYER_INPUTS_NONE = "rewriter.rules.per_layer_inputs_none:PerLayerInputsNoneRule"
+VIDEO_FEATURES_TUPLE = "rewriter.rules.video_features_tuple:VideoFeaturesTupleRule"
+PLACEHOLDER_MASK_DEFAULTS = "rewriter.rules.placeholder_mask_defaults:PlaceholderMaskDefaultsRule"
+AUDIO_OUTPUTS_COLLISION = "rewriter.rules.audio_outputs_collision:AudioOutputsCollisionRule"
+IMAGE_BIDIRECTIONAL_MASK = "rewriter.rules.image_bidirectional_mask:ImageBidirectionalMaskRule"
+SOFTCAP_SDPA = "rewriter.rules.softcap_sdpa:SoftcapSdpaRule"
 ACCUMULATION_DOUBLE_DIVISION = "rewriter.rules.accumulation_double_division:AccumulationDoubleDivisionRule"
 FAMILIES = {
+    "gemma2": Family(
+        name="gemma2",
+        supported=">=4.53,<6",
+        files={"models/gemma2/modeling_gemma2.py": (SOFTCAP_SDPA,)},
+        requires=("trainer",),
+    ),
     "gemma3": Family(
         name="gemma3",
         supported=">=4.53,<6",
@@ -112,6 +132,8 @@ FAMILIES = {
                 PER_LAYER_INPUTS_FROM_EMBEDS,
                 LOSS_ACCUMULATION,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
+                PLACEHOLDER_MASK_DEFAULTS,
+                AUDIO_OUTPUTS_COLLISION,
             ),
             "models/gemma3n/processing_gemma3n.py": (PROCESSOR_DOUBLE_BOS,),
         },
@@ -122,6 +144,7 @@ FAMILIES = {
         supported=">=5.5,<6",
         files={
             "cache_utils.py": (KV_SHARED_SLICE,),
+            "integrations/sdpa_attention.py": (SDPA_GQA_HEAD_DIM,),
             "models/gemma4/modeling_gemma4.py": (
                 GEMMA4_KV_SHARING_WITHOUT_CACHE,
                 KV_SHARING_FSDP2,
@@ -134,6 +157,13 @@ FAMILIES = {
                 PER_LAYER_INPUTS_FROM_EMBEDS,
                 TEXT_ONLY_OUTPUT_PROPERTIES,
                 AUDIO_SDPA_FALLBACK,
+                AUDIO_EAGER_MASK,
+                AUDIO_FEATURES_DTYPE,
+                AUDIO_QUANTIZED_WEIGHTS,
+                ROUTER_SOFTMAX_FLOAT32,
+                IMAGE_BIDIRECTIONAL_MASK,
+                PER_LAYER_INPUTS_NONE,
+                VIDEO_FEATURES_TUPLE,
             ),
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),

@@ -3,7 +3,7 @@
 A patched module is never imported in place of the original: its classes and functions stay the objects users
 already hold. Instead, each function whose source a rule changed gets the code object compiled from the patched
 text (``function.__code__ = ...``), so wrappers, decorators, ``isinstance`` and ``super()`` keep working, and calls
-cost nothing extra. The patched text is registered in ``linecache`` under the file name the code is compiled with
+cost nothing extra. A class attribute a rule changed (``_supports_sdpa = False``) is set on the live class. The patched text is registered in ``linecache`` under the file name the code is compiled with
 (``<rewriter KEY transformers/FILE>``: the angle brackets keep ``linecache`` from ever substituting the upstream
 file), so tracebacks, debuggers and ``inspect.getsource`` show the patched lines. New top-level definitions a rule
 adds run in the module's own namespace.
@@ -22,6 +22,7 @@ from types import FunctionType, ModuleType
 from rewriter.report import RewriterError
 
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+MISSING = object()  # what a class had for an attribute it inherited
 # Up to 3.12, ``inspect`` finds a class by name in its module's ``__file__``; 3.13 reads ``__firstlineno__`` there,
 # which for the classes no rule touched is a line of the original file.
 CLASSES_FOUND_BY_NAME = sys.version_info < (3, 13)
@@ -41,29 +42,34 @@ class ModulePatch:
     ``definitions``: ``(first, last)`` lines of each new top-level definition, decorators included.
     ``replacements``: ``(qualname, first, start, last)`` of each changed function: ``first`` is its first decorator
     line (or ``start``), ``start`` its ``def`` line, ``last`` its last line.
+    ``attributes``: ``(qualname, first, last)`` of each class attribute whose assigned value changed.
     """
 
     module: str
     definitions: tuple[tuple[int, int], ...]
     replacements: tuple[tuple[str, int, int, int], ...]
+    attributes: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def from_json(cls, data) -> ModulePatch:
         """The patch a manifest describes; ``ValueError`` when it does not have the shape ``plan`` writes."""
-        if not isinstance(data, dict) or set(data) != {"module", "definitions", "replacements"}:
-            raise ValueError("an install plan is not an object with module, definitions and replacements")
-        definitions, replacements = data["definitions"], data["replacements"]
+        if not isinstance(data, dict) or set(data) != {"module", "definitions", "replacements", "attributes"}:
+            raise ValueError("an install plan is not an object with module, definitions, replacements and attributes")
+        definitions, replacements, attributes = data["definitions"], data["replacements"], data["attributes"]
         if not (
             isinstance(data["module"], str)
             and isinstance(definitions, list)
             and all(_is_row(row, (int, int)) for row in definitions)
             and isinstance(replacements, list)
             and all(_is_row(row, (str, int, int, int)) for row in replacements)
+            and isinstance(attributes, list)
+            and all(_is_row(row, (str, int, int)) and "." in row[0] for row in attributes)
         ):
             raise ValueError(f"the install plan of {data['module']!r} has the wrong shape")
-        if not definitions and not replacements:
+        if not definitions and not replacements and not attributes:
             raise ValueError(f"the install plan of {data['module']!r} installs nothing")
-        return cls(data["module"], tuple(map(tuple, definitions)), tuple(map(tuple, replacements)))
+        rows = (tuple(map(tuple, data[name])) for name in ("definitions", "replacements", "attributes"))
+        return cls(data["module"], *rows)
 
     def check(self, patched: str) -> None:
         """Raise ``ValueError`` unless every line range names, in ``patched``, the definition it claims to."""
@@ -81,6 +87,11 @@ class ModulePatch:
                 or (_first_line(node), node.lineno, node.end_lineno) != (first, start, last)
             ):
                 raise ValueError(f"{self.module}: lines {first}-{last} are not the function {qualname}")
+        for qualname, first, last in self.attributes:
+            owner, _, name = qualname.rpartition(".")
+            node = _parse_range(lines, first, last, header=f"class {owner}:\n")
+            if _attribute_name(node) != name or (node.lineno, node.end_lineno) != (first, last):
+                raise ValueError(f"{self.module}: lines {first}-{last} are not the class attribute {qualname}")
 
 
 def plan(module: str, original: str, patched: str, patched_tree: ast.Module | None = None) -> ModulePatch:
@@ -90,7 +101,7 @@ def plan(module: str, original: str, patched: str, patched_tree: ast.Module | No
     old_definitions = {node.name: node for node in old_tree.body if isinstance(node, DEFINITIONS)}
     if _dump_others(old_tree.body) != _dump_others(new_tree.body):
         raise InstallError(f"{module}: a rule changed module-level code other than definitions")
-    definitions, replacements = [], []
+    definitions, replacements, attributes = [], [], []
     for node in new_tree.body:
         if not isinstance(node, DEFINITIONS):
             continue
@@ -100,12 +111,15 @@ def plan(module: str, original: str, patched: str, patched_tree: ast.Module | No
         elif new_text.of(node) == old_text.of(old):
             continue
         elif isinstance(node, ast.ClassDef):
-            for method in _changed_methods(module, old, node, old_text, new_text):
+            methods, changed_attributes = _class_changes(module, old, node, old_text, new_text)
+            for method in methods:
                 replacements.append((f"{node.name}.{method.name}", _first_line(method), method.lineno, method.end_lineno))
+            for attribute in changed_attributes:
+                attributes.append((f"{node.name}.{_attribute_name(attribute)}", attribute.lineno, attribute.end_lineno))
         else:
             _check_same_decorators(module, old, node)
             replacements.append((node.name, _first_line(node), node.lineno, node.end_lineno))
-    return ModulePatch(module, tuple(definitions), tuple(replacements))
+    return ModulePatch(module, tuple(definitions), tuple(replacements), tuple(attributes))
 
 
 @dataclass
@@ -115,6 +129,7 @@ class Installed:
     module: ModuleType
     added: tuple[str, ...]
     originals: list[tuple[FunctionType, tuple]] = field(default_factory=list)
+    original_attributes: list[tuple[type, str, object]] = field(default_factory=list)  # (class, name, value or MISSING)
     original_file: str | None = None
     text_file: int | None = None  # the descriptor of the memfd that ``__file__`` names meanwhile
 
@@ -125,6 +140,7 @@ def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
     lines = patched.splitlines(keepends=True)
     targets = [_live_function(module, qualname) for qualname, *_ in patch.replacements]
     replacements = [_compile_function(module, lines, replacement, filename) for replacement in patch.replacements]
+    attributes = [_evaluate_attribute(module, lines, attribute, filename) for attribute in patch.attributes]
     for target, replacement in zip(targets, replacements):
         if target.__code__.co_freevars != replacement.__code__.co_freevars:
             raise InstallError(f"{target.__qualname__}: the patched code closes over other names")
@@ -144,12 +160,20 @@ def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
     for target, replacement in zip(targets, replacements):
         installed.originals.append((target, _function_state(target)))
         _set_function_state(target, _function_state(replacement))
+    for owner, name, value in attributes:
+        installed.original_attributes.append((owner, name, vars(owner).get(name, MISSING)))
+        setattr(owner, name, value)
     return installed
 
 
 def uninstall(installed: Installed) -> None:
     for function, state in installed.originals:
         _set_function_state(function, state)
+    for owner, name, value in installed.original_attributes:
+        if value is MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
     for name in installed.added:
         vars(installed.module).pop(name, None)
     if installed.original_file is not None:
@@ -201,6 +225,18 @@ def _compile_function(module: ModuleType, lines: list[str], replacement: tuple, 
     return vars(scratch[owner])[name] if owner else scratch[name]
 
 
+def _evaluate_attribute(module: ModuleType, lines: list[str], attribute: tuple, filename: str) -> tuple[type, str, object]:
+    """``(class, name, value)``: the live class and the value the patched assignment gives, evaluated in the module's
+    names."""
+    qualname, first, last = attribute
+    owner_name, _, name = qualname.rpartition(".")
+    owner = vars(module).get(owner_name)
+    if not isinstance(owner, type):
+        raise InstallError(f"{module.__name__}: cannot find the class {owner_name} to patch in the imported module")
+    value = _parse(lines, first, last, header=f"class {owner_name}:\n").body[0].value
+    return owner, name, eval(compile(ast.Expression(value), filename, "eval", dont_inherit=True), dict(vars(module)))
+
+
 def _function_state(function: FunctionType) -> tuple:
     return function.__code__, function.__defaults__, function.__kwdefaults__, function.__annotations__
 
@@ -243,9 +279,20 @@ class _Text:
         return "".join(self.lines[_first_line(node) - 1 : node.end_lineno])
 
 
-def _changed_methods(module: str, old: ast.ClassDef, new: ast.ClassDef, old_text: _Text, new_text: _Text):
-    if _dump_others(old.body) != _dump_others(new.body) or _dump_header(old) != _dump_header(new):
-        raise InstallError(f"{module}.{new.name}: a rule changed the class itself, not only its methods")
+def _class_changes(module: str, old: ast.ClassDef, new: ast.ClassDef, old_text: _Text, new_text: _Text):
+    """The methods of ``new`` whose text changed, and its attribute assignments whose value changed."""
+    old_others, new_others = (
+        [node for node in body if not isinstance(node, DEFINITIONS)] for body in (old.body, new.body)
+    )
+    if len(old_others) != len(new_others) or _dump_header(old) != _dump_header(new):
+        raise InstallError(f"{module}.{new.name}: a rule changed the class itself, not only its methods and attributes")
+    attributes = []
+    for before, after in zip(old_others, new_others):
+        if ast.dump(before) == ast.dump(after):
+            continue
+        if _attribute_name(after) is None or _attribute_name(after) != _attribute_name(before):
+            raise InstallError(f"{module}.{new.name}: a rule changed the class itself, not only its methods and attributes")
+        attributes.append(after)
     old_methods = {node.name: node for node in old.body if isinstance(node, DEFINITIONS)}
     new_methods = {node.name: node for node in new.body if isinstance(node, DEFINITIONS)}
     if old_methods.keys() != new_methods.keys():
@@ -258,7 +305,16 @@ def _changed_methods(module: str, old: ast.ClassDef, new: ast.ClassDef, old_text
             raise InstallError(f"{module}.{new.name}.{name}: a rule changed a nested class")
         _check_same_decorators(module, old_methods[name], node)
         changed.append(node)
-    return changed
+    return changed, attributes
+
+
+def _attribute_name(node: ast.stmt | None) -> str | None:
+    """The name a class-level ``name = value`` (or ``name: type = value``) assigns; ``None`` for any other statement."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+        return node.target.id
+    return None
 
 
 def _check_same_decorators(module: str, old: ast.AST, new: ast.AST) -> None:

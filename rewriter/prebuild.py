@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from rewriter.build import build, entry_key
@@ -30,22 +32,29 @@ def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str
     """Write the entry of each ``plan(releases)`` pair into ``out``, fetching each release's wheel once.
 
     An entry already there that checks against its sources is kept, so an interrupted run picks up where it
-    stopped. Without ``releases``, entries of no family and release, and diffs no entry uses, are removed.
-    Output depends only on the wheels and this code. Yields ``(family, release, key, built)`` as each entry is ready.
+    stopped; releases with the same sources share one entry, which names the first of them. The missing entries
+    are built by one process per CPU. Without ``releases``, entries of no family and release, and diffs no entry
+    uses, are removed. Output depends only on the wheels and this code. Yields ``(family, release, key, built)`` as
+    each entry is ready, in ``plan`` order.
     """
     cache = CacheDir(out, shipped=True)
-    keys = set()
+    rows, missing = [], {}  # missing: key -> (the row that names the entry, family, sources, components)
     for family, release in plan(releases):
         wheel = Path(release) if release.endswith(".whl") else fetch_wheel(release)
-        version = wheel_version(wheel)
-        sources = wheel_sources(wheel, family.targets)
+        version, sources = wheel_version(wheel), wheel_sources(wheel, family.targets)
         key, components = entry_key(family, sources)
-        keys.add(key)
-        built = cache.verify(key, sources) is not None
-        if built:
-            cache.store(key, sources, *build(family, sources), components, release=version)
-        yield family.name, version, key, built
+        if key not in missing and cache.verify(key, sources) is not None:
+            missing[key] = (len(rows), family, sources, components)
+        rows.append((family.name, version, key))
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        builds = {key: pool.submit(build, family, sources) for key, (_, family, sources, _) in missing.items()}
+        for row, (name, version, key) in enumerate(rows):
+            built = key in missing and missing[key][0] == row
+            if built:
+                _, _, sources, components = missing[key]
+                cache.store(key, sources, *builds[key].result(), components, release=version)
+            yield name, version, key, built
     if releases is None:
-        for stale in set(cache.keys()) - keys:
+        for stale in set(cache.keys()) - {key for _, _, key in rows}:
             cache.remove(stale)
         cache.collect()

@@ -175,6 +175,34 @@ def text_model(family: str, seed: int = 0):
     return getattr(transformers, classes[family])(configs[family]()).eval()
 
 
+def gemma2_model(implementation: str | None = None):
+    """A tiny Gemma-2 causal language model whose attention logits the cap (1.0 here; 50.0 by default) bites on:
+    weights drawn from one seeded generator in parameter order, whatever the release's initialisation, with large
+    query and key projections. ``implementation`` is the ``attn_implementation`` asked for (none: the default).
+    In eval mode."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    asked = {"attn_implementation": implementation} if implementation else {}
+    config = Gemma2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attn_logit_softcapping=1.0,
+        **asked,
+    )
+    model = Gemma2ForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            scale = 0.4 if name.endswith(("q_proj.weight", "k_proj.weight")) else 0.05
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model.eval()
+
+
 def per_layer_inputs_model(family: str, dtype: torch.dtype = torch.float32):
     """A tiny Gemma-4 (hidden 96: ``sqrt(96)`` is not a bfloat16 number) or Gemma-3n causal language model whose
     per-layer inputs count: random per-layer weights, and Gemma-3n's AltUp correction scale, which starts at zero

@@ -1,4 +1,5 @@
-"""kv-sharing-fsdp2: FSDP2's mixed precision copies the plain dict that carries the shared K/V between layers."""
+"""kv-sharing-fsdp2: FSDP2's mixed precision and accelerate's device hooks copy the plain dict that carries the
+shared K/V between layers."""
 
 from __future__ import annotations
 
@@ -16,17 +17,21 @@ MAKES_PLAIN_DICT = PLAIN_DICT | m.Call(
 )
 MAKES_CARRIER = m.Call(func=m.Name("UserDict") | m.Name("KVSharingDict"))
 MAKES_SHARED_KV_STATES = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(SHARED_KV_STATES)])])
-IMPORT_CARRIER = "from collections import UserDict\n"
+IMPORT_CARRIER = "from rewriter.kv_sharing import KVSharingDict\n"
 
 
 class KVSharingFSDP2Rule(Rule):
     """FSDP2's mixed precision casts each sharded layer's inputs with ``torch.distributed.utils._apply_to_tensors``,
     which rebuilds every plain dict it meets: what a layer stores in ``shared_kv_states`` lands in a copy, and the
-    KV-shared layers after it find nothing (``KeyError``).
+    KV-shared layers after it find nothing (``KeyError``). accelerate's device hooks (a ``device_map`` over several
+    devices, or offloading) do the same to every mapping without a ``to()`` that they are handed, unless its keyword
+    is in ``_skip_keys_device_placement``: Gemma-4 5.5.2 passes the dict positionally and crashes so.
 
-    The fix is transformers 5.9.0's: the text model carries the shared K/V in a ``UserDict``, which that helper leaves
-    alone (not a ``dict``). It applies as well to the plain dict that ``kv-sharing-without-cache`` inserts, which runs
-    before it. The import is local to ``forward``: a patch changes definitions, never a module's imports.
+    The fix is transformers 5.23.0's carrier (``rewriter.kv_sharing.KVSharingDict``): a ``UserDict``, which FSDP2
+    leaves alone, whose ``to()`` moves the tensors in place and returns itself. It applies as well to the plain dict
+    that ``kv-sharing-without-cache`` inserts, which runs before it. Upstream's ``UserDict`` (5.9.0), passed by keyword
+    with the skip key (5.5.3 on), is fixed. The import is local to ``forward``: a patch changes definitions, never a
+    module's imports.
     """
 
     id = "kv-sharing-fsdp2"
@@ -53,8 +58,8 @@ class KVSharingFSDP2Rule(Rule):
 
             def forward(self, hidden_states, **kwargs):
                 # decoder layers
-                from collections import UserDict
-                shared_kv_states = kwargs.pop("shared_kv_states", UserDict())
+                from rewriter.kv_sharing import KVSharingDict
+                shared_kv_states = kwargs.pop("shared_kv_states", KVSharingDict())
                 for decoder_layer in self.layers:
                     hidden_states = decoder_layer(hidden_states, shared_kv_states=shared_kv_states)
                 return hidden_states
@@ -70,8 +75,8 @@ class KVSharingFSDP2Rule(Rule):
             '''
             class Gemma3nTextModel(Gemma3nPreTrainedModel):
                 def forward(self, hidden_states, **kwargs):
-                    from collections import UserDict
-                    shared_kv_states = UserDict()
+                    from rewriter.kv_sharing import KVSharingDict
+                    shared_kv_states = KVSharingDict()
                     return hidden_states
             ''',
         ),
@@ -101,7 +106,7 @@ class KVSharingFSDP2Rule(Rule):
         return m.matches(node, IN_FORWARD)
 
     @m.leave(MAKES_SHARED_KV_STATES)
-    def carry_in_user_dict(self, original_node: cst.SimpleStatementLine, updated_node: cst.SimpleStatementLine):
+    def carry_in_kv_sharing_dict(self, original_node: cst.SimpleStatementLine, updated_node: cst.SimpleStatementLine):
         value = updated_node.body[0].value
         if m.findall(value, MAKES_CARRIER):
             self.found_fixed()
@@ -110,7 +115,7 @@ class KVSharingFSDP2Rule(Rule):
             self.parts["other"] += 1
             return updated_node
         self.rewrote()
-        carrier = m.replace(updated_node, PLAIN_DICT, lambda *_: cst.parse_expression("UserDict()"))
+        carrier = m.replace(updated_node, PLAIN_DICT, lambda *_: cst.parse_expression("KVSharingDict()"))
         imports = cst.parse_statement(IMPORT_CARRIER, config=self.module.config_for_parsing)
         return cst.FlattenSentinel([imports.with_changes(leading_lines=updated_node.leading_lines), carrier.with_changes(leading_lines=())])
 

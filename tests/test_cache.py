@@ -91,7 +91,7 @@ def corrupt_plant_code(entry: Path) -> None:
     """Code that leaves a marker file if it ever runs, on the same line so that line numbers still fit."""
     path = diff_of(entry, MODELING)
     marker = entry.parent.parent / "executed"
-    text = path.read_text().replace("shared_kv_states = UserDict()", f"shared_kv_states = UserDict(); open({str(marker)!r}, 'w')")
+    text = path.read_text().replace("shared_kv_states = KVSharingDict()", f"shared_kv_states = KVSharingDict(); open({str(marker)!r}, 'w')")
     path.write_text(text)
 
 
@@ -129,6 +129,13 @@ def point_plan_at_another_function(manifest: dict, entry: Path) -> None:
     init = next(node for node in added.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
     start, end = first - 1 + init.lineno, first - 1 + init.end_lineno
     plan["replacements"] = [[plan["replacements"][0][0], start, start, end]]
+
+
+def plan_sets_a_method_as_a_class_attribute(manifest: dict, entry: Path) -> None:
+    """A class attribute row that names the lines of a patched method: evaluated, they would replace the method."""
+    plan = modeling_plan(manifest)
+    qualname, _, start, last = plan["replacements"][0]
+    plan["attributes"] = [[qualname, start, last]]
 
 
 def empty_plan(manifest: dict, entry: Path) -> None:
@@ -174,6 +181,7 @@ def manifest_edit(edit, *, redigest: bool):
 MANIFEST_EDITS = [
     shift_plan_by_a_line,
     point_plan_at_another_function,
+    plan_sets_a_method_as_a_class_attribute,
     empty_plan,
     plan_as_a_string,
     no_files,

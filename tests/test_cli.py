@@ -26,6 +26,7 @@ def test_compile_json(cache_dir):
     report = json.loads(out)
     assert [(o["rule"], o["status"], o["sites"]) for o in report["outcomes"]] == [
         ("kv-shared-slice", "applied", 2),
+        ("sdpa-gqa-head-dim", "applied", 2),
         ("kv-sharing-without-cache", "applied", 3),
         ("kv-sharing-fsdp2", "applied", 1),
         ("input-proj-dequant", "applied", 2),
@@ -37,6 +38,13 @@ def test_compile_json(cache_dir):
         ("per-layer-inputs-from-embeds", "applied", 1),
         ("text-only-output-properties", "not_needed", 0),  # a property from 5.24.0
         ("audio-sdpa-fallback", "not_needed", 0),  # the audio tower refuses sdpa from 5.20.0
+        ("audio-eager-mask", "applied", 1),
+        ("audio-features-dtype", "applied", 1),
+        ("audio-quantized-weights", "applied", 3),
+        ("router-softmax-float32", "applied", 1),
+        ("image-bidirectional-mask", "applied", 1),
+        ("per-layer-inputs-none", "not_needed", 0),  # 5.23.0 and 5.24.0 only
+        ("video-features-tuple", "not_needed", 0),  # 5.15.0 only
     ]
     assert report["origin"] == "shipped"
 
@@ -60,14 +68,14 @@ def test_diff_shows_each_rule_change(cache_dir):
     assert code == 0, err
     assert "+++ b/transformers/cache_utils.py" in out
     assert "+                layer_types = layer_types[: len(layer_types) - decoder_config.num_kv_shared_layers]" in out
-    assert "+        shared_kv_states = UserDict()" in out
+    assert "+        shared_kv_states = KVSharingDict()" in out
     assert "+        self.input_proj = Gemma4DequantizingLinear(" in out
 
 
 def test_unknown_family_is_a_clear_error(cache_dir):
     code, out, _ = rewriter_cli("compile", "nope", cache_dir=cache_dir)
     assert code == 2
-    assert "unknown model family 'nope'; known families: gemma3, gemma3n, gemma4" in out
+    assert "unknown model family 'nope'; known families: gemma2, gemma3, gemma3n, gemma4" in out
 
 
 def test_demo_shows_every_bug_then_fixes_it(cache_dir):
@@ -75,7 +83,7 @@ def test_demo_shows_every_bug_then_fixes_it(cache_dir):
     assert code == 0, out + err
     assert "IndexError" in out and "mat1 and mat2 shapes cannot be multiplied" in out
     assert "hash seed 0: full, sliding; hash seed 1: sliding, full" in " ".join(out.split())
-    assert out.count("│ fixed │") == 8 and "NOT FIXED" not in out
+    assert out.count("│ fixed │") == 9 and "NOT FIXED" not in out
 
 
 def test_compile_attention_flag_reports_the_attention(cache_dir):
@@ -155,7 +163,7 @@ def test_prebuild_of_a_release_that_does_not_exist_is_a_one_line_error(tmp_path,
     )
     assert "Traceback" not in out + err
     code, out, err = rewriter_cli("prebuild", "9.9.9", "--out", str(tmp_path / "out"), cache_dir=cache_dir, env=env)
-    assert code == 2 and out.startswith("error: no family supports transformers 9.9.9 (gemma3 >=4.53,<6, ")
+    assert code == 2 and out.startswith("error: no family supports transformers 9.9.9 (gemma2 >=4.53,<6, ")
 
 
 def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
@@ -179,8 +187,8 @@ def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
     code, out, _ = rewriter_cli("cache", "verify", "--deep", cache_dir=cache_dir)
     assert code == 1
     assert f"bad user_cache entry {entry}: cache_utils.py differs from what the rules write for its sources" in out
-    # the shipped entries of 5.5.0 (gemma3, gemma3n, gemma4, trainer) and this one
-    assert "5 rebuilt from the installed transformers" in out
+    # the shipped entries of 5.5.0 (gemma2, gemma3, gemma3n, gemma4, trainer) and this one
+    assert "6 rebuilt from the installed transformers" in out
 
 
 @pytest.mark.parametrize("version, shipped", [("5.13.1", True), ("5.10.0", False)])

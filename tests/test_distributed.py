@@ -6,7 +6,7 @@ two ranks under torchrun, running ``tests/distributed_train.py``.
   a model built before ``rewriter.compile`` keeps them unused, the shape of the earlier fix, and crashes.
 - FSDP2 with mixed precision casts each sharded layer's inputs and rebuilds every plain dict among them: the shared
   K/V stored in a plain dict never reach the shared layers. Shown on 5.8.1, which ships that dict; patched (a
-  ``UserDict``, as 5.9.0) it trains, on 5.8.1 and on the test environment's 5.5.0 alike.
+  ``KVSharingDict``, a ``UserDict`` as 5.9.0's) it trains, on 5.8.1 and on the test environment's 5.5.0 alike.
 
 Each rank trains on the same rows as the one-process run, so the losses must equal it.
 """

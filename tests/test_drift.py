@@ -13,6 +13,7 @@ import logging
 import pytest
 import transformers
 from transformers import trainer
+from transformers.integrations import sdpa_attention
 from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
@@ -116,10 +117,23 @@ def functions():
         "Gemma4VisionPooler.forward": modeling_gemma4.Gemma4VisionPooler.forward.__code__,
         "Gemma4VisionModel.forward": inspect.unwrap(modeling_gemma4.Gemma4VisionModel.forward).__code__,
         "Trainer.create_accelerator_and_postprocess": trainer.Trainer.create_accelerator_and_postprocess.__code__,
+        "use_gqa_in_sdpa": sdpa_attention.use_gqa_in_sdpa.__code__,
+        "sdpa_attention_forward": sdpa_attention.sdpa_attention_forward.__code__,
+        "Gemma4AudioAttention.forward": modeling_gemma4.Gemma4AudioAttention.forward.__code__,
+        "Gemma4AudioModel._convert_4d_mask_to_blocked_5d": modeling_gemma4.Gemma4AudioModel._convert_4d_mask_to_blocked_5d.__code__,
+        "Gemma4AudioFeedForward.forward": modeling_gemma4.Gemma4AudioFeedForward.forward.__code__,
+        "Gemma4AudioLightConv1d.forward": modeling_gemma4.Gemma4AudioLightConv1d.forward.__code__,
+        "Gemma4TextRouter.forward": modeling_gemma4.Gemma4TextRouter.forward.__code__,
+        "Gemma4Model.forward": inspect.unwrap(modeling_gemma4.Gemma4Model.forward).__code__,
     }
 
 
-NOT_NEEDED = {"text-only-output-properties", "audio-sdpa-fallback"}  # on 5.5.0
+NOT_NEEDED = {  # on 5.5.0
+    "text-only-output-properties",
+    "audio-sdpa-fallback",
+    "per-layer-inputs-none",
+    "video-features-tuple",
+}
 # kv-sharing-fsdp2 rewrites the shared K/V dict that kv-sharing-without-cache inserts.
 DRIFTS_WITH = {"kv-sharing-without-cache": ("kv-sharing-fsdp2",)}
 TOUCHED_BY = {
@@ -137,6 +151,18 @@ TOUCHED_BY = {
     "per-layer-inputs-from-embeds": {"Gemma4TextModel.get_per_layer_inputs"},
     "text-only-output-properties": set(),  # not needed on 5.5.0
     "audio-sdpa-fallback": set(),  # not needed on 5.5.0
+    "per-layer-inputs-none": set(),  # not needed on 5.5.0
+    "video-features-tuple": set(),  # not needed on 5.5.0
+    "sdpa-gqa-head-dim": {"use_gqa_in_sdpa", "sdpa_attention_forward"},
+    "audio-eager-mask": {"Gemma4AudioModel._convert_4d_mask_to_blocked_5d"},
+    "audio-features-dtype": {"Gemma4Model.forward"},
+    "audio-quantized-weights": {
+        "Gemma4AudioAttention.forward",
+        "Gemma4AudioFeedForward.forward",
+        "Gemma4AudioLightConv1d.forward",
+    },
+    "router-softmax-float32": {"Gemma4TextRouter.forward"},
+    "image-bidirectional-mask": {"create_causal_mask_mapping"},
     "input-proj-dequant": {"Gemma4VisionPatchEmbedder.__init__", "Gemma4VisionPatchEmbedder.forward"},
     "rotary-buffer-order": {"Gemma4TextRotaryEmbedding.__init__"},
     "rotary-compute-order": {"Gemma4TextModel.__init__"},

@@ -130,7 +130,7 @@ def test_unwritable_cache_compiles_in_memory_and_warns_once(tmp_path, caplog):
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model family 'nope'; known families: gemma3, gemma3n, gemma4"):
+    with pytest.raises(ValueError, match="unknown model family 'nope'; known families: gemma2, gemma3, gemma3n, gemma4"):
         rewriter.compile("nope")
 
 

@@ -76,9 +76,20 @@ def kv_shared_slice(version: str) -> tuple[str, int]:
     return APPLIED, 2 if release(version) < (5, 10) else 1
 
 
+def image_bidirectional_mask(version: str) -> tuple[str, int]:
+    """``create_causal_mask_mapping`` ORs the image overlay after the window (5.5.0-5.8.1); 5.9.0-5.12.1 build the
+    masks generically at two sites, the overlay on every layer; 5.13.0 adds ``create_masks_for_vision_model``."""
+    if release(version) >= (5, 13):
+        return NOT_NEEDED, 0
+    return APPLIED, 1 if release(version) < (5, 9) else 2
+
+
 def gemma4(version: str) -> dict[str, tuple[str, int]]:
+    before_5_13 = release(version) < (5, 13)
     return {
         "kv-shared-slice": kv_shared_slice(version),
+        # use_gqa_in_sdpa and its call ask for GQA at any head dim; 5.13.0 stops at 256 (PR #46960)
+        "sdpa-gqa-head-dim": (APPLIED, 2) if before_5_13 else (NOT_NEEDED, 0),
         # 5.5.2 stopped giving shared layers their own K/V when there is no cache
         "kv-sharing-without-cache": (APPLIED, 3) if release(version) < (5, 5, 2) else (NOT_NEEDED, 0),
         "kv-sharing-fsdp2": kv_sharing_fsdp2(version),
@@ -93,11 +104,27 @@ def gemma4(version: str) -> dict[str, tuple[str, int]]:
         "text-only-output-properties": text_only_output_properties(version, sites=4),
         # the audio tower refuses sdpa from 5.20.0; before, it supports it (and forcing eager would invert its mask)
         "audio-sdpa-fallback": (APPLIED, 1) if release(version) >= (5, 20) else (NOT_NEEDED, 0),
+        # the audio tower reads eager's float mask as boolean until 5.20.0
+        "audio-eager-mask": (APPLIED, 1) if release(version) < (5, 20) else (NOT_NEEDED, 0),
+        # the audio features are scattered without a cast until 5.15.0 (PR #47482)
+        "audio-features-dtype": (APPLIED, 1) if release(version) < (5, 15) else (NOT_NEEDED, 0),
+        # finfo of packed weights (two clamps) and the cast before `post`, until 5.11.0
+        "audio-quantized-weights": (APPLIED, 3) if release(version) < (5, 11) else (NOT_NEEDED, 0),
+        "router-softmax-float32": (APPLIED, 1) if before_5_13 else (NOT_NEEDED, 0),  # float32 from 5.13.0
+        "image-bidirectional-mask": image_bidirectional_mask(version),
+        # _maybe_slice_kv_shared_inputs slices per-layer inputs that may be None: 5.23.0, 5.24.0 (5.25.0 guards it)
+        "per-layer-inputs-none": (APPLIED, 1) if (5, 23) <= release(version) < (5, 25) else (NOT_NEEDED, 0),
+        "video-features-tuple": (APPLIED, 1) if version == "5.15.0" else (NOT_NEEDED, 0),  # torch.split's tuple
     }
 
 
 # The release tables of docs/releases.md: which rule each release needs, and at how many sites.
 MATRIX = {
+    "gemma2": {
+        # 5.21.0 declares _supports_sdpa = False
+        version: {"softcap-sdpa": (APPLIED, 1) if release(version) < (5, 21) else (NOT_NEEDED, 0)}
+        for version in FAMILIES["gemma2"].releases
+    },
     "gemma3": {
         version: {
             "rotary-buffer-order": rotary_buffer_order(version),
@@ -121,6 +148,9 @@ MATRIX = {
             "per-layer-inputs-from-embeds": (APPLIED, 1),  # open upstream
             "loss-accumulation": (APPLIED, 2) if release(version) < (5, 6) else (NOT_NEEDED, 0),  # as Gemma-4
             "text-only-output-properties": text_only_output_properties(version, sites=4),
+            "placeholder-mask-defaults": (APPLIED, 1) if version == "4.55.0" else (NOT_NEEDED, 0),
+            # 5.0.0 reuses `audio_features` for the tower's output; 5.3.0 renames it
+            "audio-outputs-collision": (APPLIED, 1) if (5, 0) <= release(version) < (5, 3) else (NOT_NEEDED, 0),
             "processor-double-bos": (APPLIED, 1),  # open upstream
         }
         for version in FAMILIES["gemma3n"].releases
@@ -175,6 +205,12 @@ def test_scan_names_every_file_with_a_known_buggy_shape(tmp_path):
         ("per-layer-inputs-from-embeds", "models/gemma3n/modeling_gemma3n.py"),
         ("flash-attention-image-mask", "models/gemma3/modeling_gemma3.py"),
         ("loss-accumulation", "models/gemma3n/modeling_gemma3n.py"),
+        ("audio-eager-mask", "models/gemma4/modeling_gemma4.py"),
+        ("audio-features-dtype", "models/gemma4/modeling_gemma4.py"),
+        ("audio-quantized-weights", "models/gemma4/modeling_gemma4.py"),
+        ("router-softmax-float32", "models/gemma4/modeling_gemma4.py"),
+        ("image-bidirectional-mask", "models/gemma4/modeling_gemma4.py"),
+        ("softcap-sdpa", "models/gemma2/modeling_gemma2.py"),
         # the training check on token types, in two families rewriter does not patch as well
         *(("text-only-training", f"models/{model}/modeling_{model}.py") for model in ("gemma3", "gemma4", "git", "paligemma")),
     }
@@ -186,7 +222,9 @@ def test_a_release_without_gemma4_sources_is_a_clear_error(tmp_path):
         wheel.extract("transformers/cache_utils.py", tmp_path)
     result = run_python("", "-m", "rewriter", "report", "gemma4", "--source-dir", str(package))
     assert result.returncode == 2
-    assert f"the transformers folder {package} has no models/gemma4/modeling_gemma4.py" in " ".join(result.stdout.split())
+    assert f"the transformers folder {package} has no integrations/sdpa_attention.py, models/gemma4/modeling_gemma4.py" in " ".join(
+        result.stdout.split()
+    )
     assert "Traceback" not in result.stdout + result.stderr
 
 

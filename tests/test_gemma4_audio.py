@@ -1,0 +1,220 @@
+"""Three bugs of the Gemma-4 audio tower, on a tiny tower with the real checkpoints' chunking (chunks of 12 frames,
+13 of left context; 5.5.0 and 5.6.x assume it in the relative positions):
+
+- audio-eager-mask (5.5.0 to 5.19.x): with ``attn_implementation="eager"`` the tower reads eager's additive float
+  mask as a boolean one and attends exactly where it should not. The oracle is sdpa on the same weights, which
+  upstream gets right in every release and which is 5.20.0's eager bit for bit (docs/bugs/audio-eager-mask.md).
+- audio-features-dtype (5.5.0 to 5.14.x): under autocast, or with the audio tower in another dtype than the text
+  model, scattering the audio features raises. The oracle is 5.15.0, which fixed it: its logits on the same
+  weights, in ``fixtures/audio_features_dtype_reference.pt``.
+- audio-quantized-weights (5.5.0 to 5.10.x): with bitsandbytes (4-bit or 8-bit, real on this CPU) the tower calls
+  ``torch.finfo`` on packed integer weights. The oracle is 5.11.0, which fixed it: its features of the same
+  quantized tower, in ``fixtures/audio_quantized_weights_reference.pt``.
+
+Every parameter is drawn from a generator seeded by its name (``seeded``), so that any release builds the same
+weights; ``fixtures/make_audio_*_reference.py`` run these builders under the fixed releases. The references were
+computed on one CPU: another instruction set's kernels may round otherwise, but on this one patched 5.5.0 gives the
+fixed releases' numbers to the last bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import rewriter
+from rewriter import testing
+
+FEATURES = 16  # the input width of the tiny tower: 4 * hidden_size / subsampling_conv_channels[-1]
+FRAMES = 80  # 20 audio tokens: the subsampling halves the frames twice
+FIXTURES = Path(__file__).with_name("fixtures")
+SAME_DTYPES = "expected self and source to have same dtypes"
+FINFO_OF_INTEGERS = r"torch.finfo\(\) requires a floating point input type"
+
+
+def audio_config():
+    from transformers import Gemma4AudioConfig
+
+    return Gemma4AudioConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        subsampling_conv_channels=[16, 8],
+        conv_kernel_size=3,
+        output_proj_dims=48,
+    )
+
+
+def config():
+    """A two-layer text model (no per-layer inputs) with the tiny audio tower and no vision tower."""
+    from transformers import Gemma4Config
+
+    text = testing.text_config(
+        0, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0
+    )
+    return Gemma4Config(**testing.SPECIAL_TOKENS, text_config=text, vision_config=None, audio_config=audio_config())
+
+
+def seeded(model):
+    """``model`` with every parameter drawn from a generator seeded by its name: the same weights in any release."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def audio_tower(attn_implementation: str, dtype: torch.dtype = torch.float32):
+    from transformers import Gemma4AudioModel
+
+    return seeded(Gemma4AudioModel._from_config(audio_config(), attn_implementation=attn_implementation)).to(dtype)
+
+
+def clips(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input features and mask of ``batch`` clips; the second one is shorter (its last 30 frames are padding)."""
+    features = torch.randn(batch, FRAMES, FEATURES, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(batch, FRAMES, dtype=torch.bool)
+    mask[1:, FRAMES - 30 :] = False
+    return features, mask
+
+
+def tower_features(tower, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    features, mask = clips()
+    with torch.no_grad():
+        return tower(features.to(dtype), mask).last_hidden_state
+
+
+# audio-features-dtype: a full model and an audio prompt, in three dtype set-ups
+
+
+def audio_model(mode: str):
+    """The tiny model in float32 (``"float32"``, ``"autocast"``), or in bfloat16 with the audio tower and its
+    embedder kept in float32 (``"mixed"``)."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    model = seeded(Gemma4ForConditionalGeneration(config()))
+    if mode == "mixed":
+        model.to(torch.bfloat16)
+        model.model.audio_tower.float()
+        model.model.embed_audio.float()
+    return model
+
+
+def audio_prompt() -> dict:
+    """Text, then ``<boa>`` and one clip's 20 audio tokens, then text."""
+    features, mask = clips(1)
+    audio = [testing.SPECIAL_TOKENS["audio_token_id"]] * (FRAMES // 4)
+    ids = torch.tensor([[2, 10, 11, testing.SPECIAL_TOKENS["boa_token_id"], *audio, 12, 13, 14]])
+    return {"input_ids": ids, "input_features": features, "input_features_mask": mask}
+
+
+def prompt_logits(mode: str) -> torch.Tensor:
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        return audio_model(mode)(**audio_prompt()).logits
+
+
+# audio-quantized-weights: the tower saved once, loaded quantized
+
+
+def quantization(bits: int):
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quantized_tower(folder: Path, bits: int):
+    """The tower saved in ``folder``, loaded by ``from_pretrained`` with bitsandbytes ``bits``-bit linears."""
+    from transformers import Gemma4AudioModel
+
+    tower = Gemma4AudioModel.from_pretrained(folder, quantization_config=quantization(bits), device_map="cpu")
+    return tower.eval()
+
+
+def reference(name: str) -> dict:
+    return torch.load(FIXTURES / f"{name}_reference.pt", weights_only=True)
+
+
+# ---- audio-eager-mask -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unpatched_eager_attends_where_the_mask_says_not_to(dtype):
+    eager, sdpa = tower_features(audio_tower("eager", dtype), dtype), tower_features(audio_tower("sdpa", dtype), dtype)
+    assert (eager.float() - sdpa.float()).abs().max() > 0.1  # measured 0.154 (float32), 0.153 (bfloat16)
+
+
+def whole_model_features(attn_implementation: str) -> torch.Tensor:
+    from transformers import Gemma4ForConditionalGeneration
+
+    model = seeded(Gemma4ForConditionalGeneration._from_config(config(), attn_implementation=attn_implementation))
+    assert model.model.audio_tower.config._attn_implementation == attn_implementation
+    with torch.no_grad():
+        return model.model.get_audio_features(*clips(), return_dict=True).last_hidden_state
+
+
+def test_patched_eager_is_sdpa_bit_for_bit(cache_dir):
+    sdpa = {dtype: tower_features(audio_tower("sdpa", dtype), dtype) for dtype in (torch.float32, torch.bfloat16)}
+    whole_sdpa = whole_model_features("sdpa")
+    report = rewriter.compile("gemma4", cache_dir=cache_dir, strict=True)
+    assert report.outcome("audio-eager-mask").status == "applied"
+    for dtype, expected in sdpa.items():
+        assert torch.equal(tower_features(audio_tower("eager", dtype), dtype), expected)
+    assert torch.equal(tower_features(audio_tower("sdpa")), sdpa[torch.float32])  # the boolean path is untouched
+    assert torch.equal(whole_model_features("eager"), whole_sdpa)  # a whole model asked for eager
+
+
+# ---- audio-features-dtype ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["autocast", "mixed"])
+def test_unpatched_audio_features_of_another_dtype_raise(mode):
+    with pytest.raises(RuntimeError, match=SAME_DTYPES):
+        prompt_logits(mode)
+
+
+def test_patched_logits_are_the_fixed_release_ones_bit_for_bit(cache_dir):
+    expected = reference("audio_features_dtype")
+    assert expected["transformers"] == "5.15.0"
+    float32 = prompt_logits("float32")
+    report = rewriter.compile("gemma4", cache_dir=cache_dir, strict=True)
+    assert report.outcome("audio-features-dtype").status == "applied"
+    for mode in ("autocast", "mixed"):
+        logits = prompt_logits(mode)
+        assert logits.dtype == torch.bfloat16
+        assert torch.equal(logits, expected["logits"][mode])
+    assert torch.equal(prompt_logits("float32"), float32)  # with one dtype the cast changes nothing
+
+
+# ---- audio-quantized-weights ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tower(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("audio-tower")
+    audio_tower("sdpa").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_unpatched_quantized_tower_calls_finfo_on_packed_weights(saved_tower, bits):
+    tower = quantized_tower(saved_tower, bits)
+    weight = tower.layers[0].feed_forward1.ffw_layer_1.linear.weight
+    assert weight.dtype == (torch.uint8 if bits == 4 else torch.int8)  # bitsandbytes packed it
+    with pytest.raises(TypeError, match=FINFO_OF_INTEGERS):
+        tower_features(tower)
+
+
+def test_patched_quantized_tower_gives_the_fixed_release_features_bit_for_bit(saved_tower, cache_dir):
+    expected = reference("audio_quantized_weights")
+    assert expected["transformers"] == "5.11.0"
+    outcome = rewriter.compile("gemma4", cache_dir=cache_dir, strict=True).outcome("audio-quantized-weights")
+    assert (outcome.status, outcome.sites) == ("applied", 3)
+    for bits in (4, 8):
+        assert torch.equal(tower_features(quantized_tower(saved_tower, bits)), expected["features"][f"{bits}-bit"])
