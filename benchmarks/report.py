@@ -191,7 +191,39 @@ def inputs_embeds_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = {"startup": startup_section, "generate": generate_section, "inputs_embeds": inputs_embeds_section}
+def train_step_section(result: dict) -> list[str]:
+    lines = [
+        f"## One LoRA training step at Gemma's {result['vocabulary']:,}-token vocabulary, transformers "
+        f"{result['transformers']}",
+        "",
+        f"Machine: {result['machine']}. Command: `{result['command']}`. Tiny models of hidden {result['hidden']}, "
+        f"1 x {result['tokens']:,} tokens, {result['steps']} steps (forward, backward, AdamW), each variant in its own "
+        "process; peaks are resident memory above the process's baseline. Ratios are to eager of the same run. "
+        f"{result['note'][0].upper()}{result['note'][1:]}.",
+        "",
+        "| model | variant | step peak | ratio | loss-head peak | ratio | loss head | tokens/s (best step) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, figures in result["models"].items():
+        variants = figures["variants"]
+        eager = variants["eager"]
+        for name, f in variants.items():
+            head = f["loss_head"]
+            lines.append(
+                f"| {model} | {name} | {f['step_added_peak_mib']:,.0f} MiB | "
+                f"{f['step_added_peak_mib'] / eager['step_added_peak_mib']:.2f}x | {head['added_peak_mib']:,.0f} MiB | "
+                f"{head['added_peak_mib'] / eager['loss_head']['added_peak_mib']:.2f}x | {head['seconds']:.1f} s | "
+                f"{f['tokens_per_s_best']:.0f} | {f['tokens_per_s_best'] / eager['tokens_per_s_best']:.2f}x |"
+            )
+    return lines + [""]
+
+
+SECTIONS = {
+    "startup": startup_section,
+    "generate": generate_section,
+    "inputs_embeds": inputs_embeds_section,
+    "train_step": train_step_section,
+}
 
 
 def main(paths: list[str]) -> None:
