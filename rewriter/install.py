@@ -3,7 +3,8 @@
 A patched module is never imported in place of the original: its classes and functions stay the objects users
 already hold. Instead, each function whose source a rule changed gets the code object compiled from the patched
 text (``function.__code__ = ...``), so wrappers, decorators, ``isinstance`` and ``super()`` keep working, and calls
-cost nothing extra. A class attribute a rule changed (``_supports_sdpa = False``) is set on the live class. The patched text is registered in ``linecache`` under the file name the code is compiled with
+cost nothing extra. A class attribute whose literal value a rule changed (``_supports_sdpa = False``) is set on the
+live class. The patched text is registered in ``linecache`` under the file name the code is compiled with
 (``<rewriter KEY transformers/FILE>``: the angle brackets keep ``linecache`` from ever substituting the upstream
 file), so tracebacks, debuggers and ``inspect.getsource`` show the patched lines. New top-level definitions a rule
 adds run in the module's own namespace.
@@ -22,7 +23,6 @@ from types import FunctionType, ModuleType
 from rewriter.report import RewriterError
 
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-MISSING = object()  # what a class had for an attribute it inherited
 # Up to 3.12, ``inspect`` finds a class by name in its module's ``__file__``; 3.13 reads ``__firstlineno__`` there,
 # which for the classes no rule touched is a line of the original file.
 CLASSES_FOUND_BY_NAME = sys.version_info < (3, 13)
@@ -90,7 +90,7 @@ class ModulePatch:
         for qualname, first, last in self.attributes:
             owner, _, name = qualname.rpartition(".")
             node = _parse_range(lines, first, last, header=f"class {owner}:\n")
-            if _attribute_name(node) != name or (node.lineno, node.end_lineno) != (first, last):
+            if _attribute_name(node) != name or (node.lineno, node.end_lineno) != (first, last) or not _is_literal(node.value):
                 raise ValueError(f"{self.module}: lines {first}-{last} are not the class attribute {qualname}")
 
 
@@ -129,7 +129,7 @@ class Installed:
     module: ModuleType
     added: tuple[str, ...]
     originals: list[tuple[FunctionType, tuple]] = field(default_factory=list)
-    original_attributes: list[tuple[type, str, object]] = field(default_factory=list)  # (class, name, value or MISSING)
+    original_attributes: list[tuple[type, str, object]] = field(default_factory=list)  # (class, name, value)
     original_file: str | None = None
     text_file: int | None = None  # the descriptor of the memfd that ``__file__`` names meanwhile
 
@@ -140,7 +140,7 @@ def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
     lines = patched.splitlines(keepends=True)
     targets = [_live_function(module, qualname) for qualname, *_ in patch.replacements]
     replacements = [_compile_function(module, lines, replacement, filename) for replacement in patch.replacements]
-    attributes = [_evaluate_attribute(module, lines, attribute, filename) for attribute in patch.attributes]
+    attributes = [_literal_attribute(module, lines, attribute) for attribute in patch.attributes]
     for target, replacement in zip(targets, replacements):
         if target.__code__.co_freevars != replacement.__code__.co_freevars:
             raise InstallError(f"{target.__qualname__}: the patched code closes over other names")
@@ -161,7 +161,7 @@ def install(patch: ModulePatch, patched: str, filename: str) -> Installed:
         installed.originals.append((target, _function_state(target)))
         _set_function_state(target, _function_state(replacement))
     for owner, name, value in attributes:
-        installed.original_attributes.append((owner, name, vars(owner).get(name, MISSING)))
+        installed.original_attributes.append((owner, name, vars(owner)[name]))
         setattr(owner, name, value)
     return installed
 
@@ -170,10 +170,7 @@ def uninstall(installed: Installed) -> None:
     for function, state in installed.originals:
         _set_function_state(function, state)
     for owner, name, value in installed.original_attributes:
-        if value is MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, value)
+        setattr(owner, name, value)
     for name in installed.added:
         vars(installed.module).pop(name, None)
     if installed.original_file is not None:
@@ -225,16 +222,15 @@ def _compile_function(module: ModuleType, lines: list[str], replacement: tuple, 
     return vars(scratch[owner])[name] if owner else scratch[name]
 
 
-def _evaluate_attribute(module: ModuleType, lines: list[str], attribute: tuple, filename: str) -> tuple[type, str, object]:
-    """``(class, name, value)``: the live class and the value the patched assignment gives, evaluated in the module's
-    names."""
+def _literal_attribute(module: ModuleType, lines: list[str], attribute: tuple) -> tuple[type, str, object]:
+    """``(class, name, value)``: the live class, which must assign ``name`` itself, and the literal the patched
+    assignment gives it (read with ``ast.literal_eval``: nothing runs)."""
     qualname, first, last = attribute
     owner_name, _, name = qualname.rpartition(".")
     owner = vars(module).get(owner_name)
-    if not isinstance(owner, type):
-        raise InstallError(f"{module.__name__}: cannot find the class {owner_name} to patch in the imported module")
-    value = _parse(lines, first, last, header=f"class {owner_name}:\n").body[0].value
-    return owner, name, eval(compile(ast.Expression(value), filename, "eval", dont_inherit=True), dict(vars(module)))
+    if not isinstance(owner, type) or name not in vars(owner):
+        raise InstallError(f"{module.__name__}: cannot find the class attribute {qualname} to patch in the imported module")
+    return owner, name, ast.literal_eval(_parse(lines, first, last, header=f"class {owner_name}:\n").body[0].value)
 
 
 def _function_state(function: FunctionType) -> tuple:
@@ -292,6 +288,8 @@ def _class_changes(module: str, old: ast.ClassDef, new: ast.ClassDef, old_text: 
             continue
         if _attribute_name(after) is None or _attribute_name(after) != _attribute_name(before):
             raise InstallError(f"{module}.{new.name}: a rule changed the class itself, not only its methods and attributes")
+        if not _is_literal(after.value):
+            raise InstallError(f"{module}.{new.name}.{_attribute_name(after)}: a changed class attribute must be a literal")
         attributes.append(after)
     old_methods = {node.name: node for node in old.body if isinstance(node, DEFINITIONS)}
     new_methods = {node.name: node for node in new.body if isinstance(node, DEFINITIONS)}
@@ -306,6 +304,14 @@ def _class_changes(module: str, old: ast.ClassDef, new: ast.ClassDef, old_text: 
         _check_same_decorators(module, old_methods[name], node)
         changed.append(node)
     return changed, attributes
+
+
+def _is_literal(node: ast.expr) -> bool:
+    try:
+        ast.literal_eval(node)
+    except ValueError:
+        return False
+    return True
 
 
 def _attribute_name(node: ast.stmt | None) -> str | None:

@@ -33,9 +33,9 @@ def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str
 
     An entry already there that checks against its sources is kept, so an interrupted run picks up where it
     stopped; releases with the same sources share one entry, which names the first of them. The missing entries
-    are built by one process per CPU. Without ``releases``, entries of no family and release, and diffs no entry
-    uses, are removed. Output depends only on the wheels and this code. Yields ``(family, release, key, built)`` as
-    each entry is ready, in ``plan`` order.
+    are built by one process per CPU this process may run on. Without ``releases``, entries of no family and
+    release, and diffs no entry uses, are removed. Output depends only on the wheels and this code. Yields
+    ``(family, release, key, built)`` as each entry is ready, in ``plan`` order.
     """
     cache = CacheDir(out, shipped=True)
     rows, missing = [], {}  # missing: key -> (the row that names the entry, family, sources, components)
@@ -46,7 +46,7 @@ def prebuild(out: Path, releases: list[str] | None = None) -> Iterator[tuple[str
         if key not in missing and cache.verify(key, sources) is not None:
             missing[key] = (len(rows), family, sources, components)
         rows.append((family.name, version, key))
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, min(len(missing), len(os.sched_getaffinity(0))))) as pool:
         builds = {key: pool.submit(build, family, sources) for key, (_, family, sources, _) in missing.items()}
         for row, (name, version, key) in enumerate(rows):
             built = key in missing and missing[key][0] == row

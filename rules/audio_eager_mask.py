@@ -6,7 +6,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
-from rewriter.rules.matchers import IN_FORWARD
+from rewriter.rules.matchers import IN_FORWARD, assigns
 
 AUDIO_MODEL = m.ClassDef(name=m.Name("Gemma4AudioModel"))
 AUDIO_ATTENTION = m.ClassDef(name=m.Name("Gemma4AudioAttention"))
@@ -18,7 +18,7 @@ F_PAD = m.Attribute(value=m.Name("F"), attr=m.Name("pad"))
 def pads(name: str, value: m.BaseExpression) -> m.SimpleStatementLine:
     """``NAME = F.pad(NAME, ..., value=VALUE)`` alone on a line."""
     call = m.Call(func=F_PAD, args=[m.Arg(m.Name(name)), m.ZeroOrMore(), m.Arg(value, keyword=m.Name("value"))])
-    return m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name(name))], value=call)])
+    return assigns(m.Name(name), call)
 
 
 # 5.5.0 to 5.19.0: the blocked mask is boolean (True = attend), padded with False
@@ -66,11 +66,11 @@ class AudioEagerMaskRule(Rule):
     5.5.0 to 5.19.x, with ``attn_implementation="eager"`` (the default, sdpa, is right).
 
     Upstream (5.20.0, for issue #48818) made both consumers take the float mask (pads with ``finfo.min``, fills
-    ``attention_mask != 0``) and the tower eager-only (``_supports_sdpa = False``). The installer cannot change class
-    flags, so a buggy release keeps taking sdpa's boolean mask; the rewrite converts eager's float mask to that
-    boolean one first thing in the converter, and the rest runs the boolean path unchanged. Padding and gathering
-    commute with ``x == 0``, so the filled positions are exactly 5.20.0's: eager equals sdpa, and both equal
-    5.20.0's eager, bit for bit.
+    ``attention_mask != 0``) and the tower eager-only (``_supports_sdpa = False``). Before 5.20.0 the tower declares no
+    such flag and the installer adds no class attribute, so a buggy release keeps taking sdpa's boolean mask; the
+    rewrite converts eager's float mask to that boolean one first thing in the converter, and the rest runs the
+    boolean path unchanged. Padding and gathering commute with ``x == 0``, so the filled positions are exactly
+    5.20.0's: eager equals sdpa, and both equal 5.20.0's eager, bit for bit.
     """
 
     id = "audio-eager-mask"

@@ -7,17 +7,12 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
-from rewriter.rules.matchers import IN_FORWARD, SELF
+from rewriter.rules.matchers import IN_FORWARD, SELF, assigns
 
 GEMMA3N_MODEL = m.ClassDef(name=m.Name("Gemma3nModel"))
 GET_AUDIO_FEATURES = m.Call(func=m.Attribute(value=SELF, attr=m.Name("get_audio_features")))
-ENCODE_AUDIO = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget()], value=GET_AUDIO_FEATURES)])
+ENCODE_AUDIO = assigns(m.DoNotCare(), GET_AUDIO_FEATURES)
 OUTPUTS = "audio_outputs"  # 5.3.0's name for what get_audio_features returns
-
-
-def assigns(target: m.BaseMatcherNode, value: m.BaseMatcherNode) -> m.SimpleStatementLine:
-    """``TARGET = VALUE`` alone on a line."""
-    return m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(target)], value=value)])
 
 
 def attribute_of(name: str, attr: str) -> m.Attribute:

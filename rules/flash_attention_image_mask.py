@@ -50,8 +50,7 @@ class FlashAttentionImageMaskRule(Rule):
     The fix refuses only what FlashAttention cannot run: ``Gemma3Model.forward`` raises before building masks when
     FlashAttention is asked for and a prefill has images (pixel values, encoded images, or image token types). Decode
     steps (one token) and text-only inputs run. Where a class refuses FlashAttention, its ``__init__`` sets
-    ``_supports_flash_attn`` back on the instance first, so the load check lets it through (a class attribute
-    cannot be patched in place).
+    ``_supports_flash_attn`` back on the instance first, so the load check lets it through.
     """
 
     id = "flash-attention-image-mask"

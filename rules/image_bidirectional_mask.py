@@ -9,6 +9,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
+from rewriter.rules.matchers import assigns
 
 MASK_MAPPING = m.FunctionDef(name=m.Name("create_causal_mask_mapping"))  # 5.5.0 to 5.8.1
 VISION_MASKS = m.FunctionDef(name=m.Name("create_masks_for_vision_model"))  # 5.13.0's fix
@@ -17,10 +18,7 @@ MODELS = m.ClassDef(name=m.Name("Gemma4Model") | m.Name("Gemma4ForConditionalGen
 
 def sets_sliding_mask_kwarg(key: str) -> m.SimpleStatementLine:
     """``sliding_mask_kwargs["KEY"] = ...``"""
-    target = m.Subscript(
-        value=m.Name("sliding_mask_kwargs"), slice=[m.SubscriptElement(m.Index(m.SimpleString(f'"{key}"')))]
-    )
-    return m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(target)])])
+    return assigns(m.Subscript(value=m.Name("sliding_mask_kwargs"), slice=[m.SubscriptElement(m.Index(m.SimpleString(f'"{key}"')))]))
 
 
 SETS_IMAGE_OVERLAY = sets_sliding_mask_kwarg("or_mask_function")
@@ -140,6 +138,19 @@ def create_masks_for_vision_model(
     }
 '''
 PLACEHOLDER = m.Name("USE_BIDIR") | m.Name("BLOCK_IDS")
+# what create_masks_for_vision_model takes besides the block ids: the call site's `mask_kwargs` must hold exactly that
+VISION_MASK_ARGUMENTS = {"config", "inputs_embeds", "attention_mask", "past_key_values", "position_ids"}
+
+
+def _dict_keys(elements) -> set[str] | None:
+    keys = [element.key.evaluated_value for element in elements if isinstance(element.key, cst.SimpleString)]
+    return set(keys) if len(keys) == len(elements) else None
+
+
+MAKES_MASK_ARGUMENTS = m.Assign(
+    targets=[m.AssignTarget(m.Name("mask_kwargs"))],
+    value=m.Dict(elements=m.MatchIfTrue(lambda elements: _dict_keys(elements) == VISION_MASK_ARGUMENTS)),
+)
 
 
 class ImageBidirectionalMaskRule(Rule):
@@ -199,6 +210,13 @@ class ImageBidirectionalMaskRule(Rule):
             '''
             class Gemma4Model(Gemma4PreTrainedModel):
                 def forward(self, input_ids, mm_token_type_ids=None, **kwargs):
+                    mask_kwargs = {
+                        "config": self.config.get_text_config(),
+                        "inputs_embeds": inputs_embeds,
+                        "attention_mask": attention_mask,
+                        "past_key_values": past_key_values,
+                        "position_ids": position_ids,
+                    }
                     if not isinstance(causal_mask_mapping := attention_mask, dict):
                         # Larger Gemma 4 models use Gemma 3's bidirectional attention mask for vision inputs
                         if self.config.get_text_config().use_bidirectional_attention == "vision":
@@ -216,6 +234,13 @@ class ImageBidirectionalMaskRule(Rule):
             class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
                 @staticmethod
                 def create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values, position_ids, mm_token_type_ids=None):
+                    mask_kwargs = {
+                        "config": config.get_text_config(),
+                        "inputs_embeds": inputs_embeds,
+                        "attention_mask": attention_mask,
+                        "past_key_values": past_key_values,
+                        "position_ids": position_ids,
+                    }
                     if getattr(config.get_text_config(), "use_bidirectional_attention", None) == "vision":
                         block_sequence_ids = torch.full([*inputs_embeds.size()[:-1]], -1, device=inputs_embeds.device)
                         if mm_token_type_ids is not None:
@@ -232,6 +257,13 @@ class ImageBidirectionalMaskRule(Rule):
 
             class Gemma4Model(Gemma4PreTrainedModel):
                 def forward(self, input_ids, mm_token_type_ids=None, **kwargs):
+                    mask_kwargs = {
+                        "config": self.config.get_text_config(),
+                        "inputs_embeds": inputs_embeds,
+                        "attention_mask": attention_mask,
+                        "past_key_values": past_key_values,
+                        "position_ids": position_ids,
+                    }
                     if not isinstance(causal_mask_mapping := attention_mask, dict):
                         # Larger Gemma 4 models use Gemma 3's bidirectional attention mask for vision inputs
                         use_bidir = self.config.get_text_config().use_bidirectional_attention == "vision"
@@ -252,6 +284,13 @@ class ImageBidirectionalMaskRule(Rule):
             class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
                 @staticmethod
                 def create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values, position_ids, mm_token_type_ids=None):
+                    mask_kwargs = {
+                        "config": config.get_text_config(),
+                        "inputs_embeds": inputs_embeds,
+                        "attention_mask": attention_mask,
+                        "past_key_values": past_key_values,
+                        "position_ids": position_ids,
+                    }
                     use_bidir = getattr(config.get_text_config(), "use_bidirectional_attention", None) == "vision"
 
                     if use_bidir and mm_token_type_ids is not None:
@@ -276,7 +315,13 @@ class ImageBidirectionalMaskRule(Rule):
         BUGGY.replace('sliding_mask_kwargs["or_mask_function"] = ', 'sliding_mask_kwargs["image_mask"] = '),
         # only one of the two 5.9.0-5.12.1 call sites
         EXAMPLES[0][0].split("\n\n\n")[0],
+        # mask_kwargs holds what create_masks_for_vision_model does not take
+        EXAMPLES[0][0].replace('"position_ids": position_ids,\n', '"position_ids": position_ids,\n' + " " * 24 + '"token_type_ids": 0,\n'),
     )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.functions: list[cst.FunctionDef] = []  # the functions the visit is inside, innermost last
 
     @m.leave(m.IndentedBlock())
     def fix_block(self, original_node: cst.IndentedBlock, updated_node: cst.IndentedBlock) -> cst.IndentedBlock:
@@ -306,6 +351,9 @@ class ImageBidirectionalMaskRule(Rule):
         calls = m.findall(condition, BLOCK_IDS_CALL)
         if not (m.findall(condition, SETS_BLOCK_IDS) and len(calls) == 1):
             return
+        if not m.findall(self.functions[-1], MAKES_MASK_ARGUMENTS):
+            self.drift("`mask_kwargs` is not the dict of the five arguments create_masks_for_vision_model takes")
+            return
         if m.matches(builder, ASSIGNS_GENERIC_MASKS):
             template, site = MODEL_MASKS, "model"
         elif m.matches(builder, RETURNS_GENERIC_MASKS):
@@ -319,6 +367,15 @@ class ImageBidirectionalMaskRule(Rule):
         statements[0] = statements[0].with_changes(leading_lines=condition.leading_lines)
         statements[-1] = statements[-1].with_changes(leading_lines=builder.leading_lines) if site == "generate" else statements[-1]
         body[index : index + 2] = statements
+
+    @m.visit(m.FunctionDef())
+    def enter_function(self, node: cst.FunctionDef) -> None:
+        self.functions.append(node)
+
+    @m.leave(m.FunctionDef())
+    def leave_function(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        self.functions.pop()
+        return updated_node
 
     def statements(self, text: str) -> list[cst.BaseStatement]:
         """The statements of ``text``, a comment or blank line before the first kept as its leading lines."""

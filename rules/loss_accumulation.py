@@ -37,8 +37,8 @@ class LossAccumulationRule(Rule):
     gradients grow with the steps (and with the world size under DDP).
 
     The fix is transformers 5.6.0's (Gemma-3n and Gemma-4): the loss is ``self.loss_function(...)`` and
-    ``accepts_loss_kwargs`` is ``False``. A class attribute cannot be installed into a live class, so the constructor
-    sets it on each model, where ``Trainer`` (``hasattr(model, "accepts_loss_kwargs")``) reads it the same.
+    ``accepts_loss_kwargs`` is ``False``. The buggy classes do not declare it and the installer adds no class attribute,
+    so the constructor sets it on each model, where ``Trainer`` (``hasattr(model, "accepts_loss_kwargs")``) reads it the same.
 
     Gemma-3's fix is 4.57.0's, its first fixed release: the declaration alone, its own mean loss kept (``Trainer``
     divides it by the steps; it also drops the positions the attention mask pads, which ``self.loss_function`` would

@@ -31,9 +31,14 @@ def is_not_none(value: m.BaseExpression) -> m.Comparison:
     return m.Comparison(left=value, comparisons=[m.ComparisonTarget(m.IsNot(), NONE)])
 
 
+def assigns(target: m.BaseMatcherNode, value: m.BaseMatcherNode = m.DoNotCare()) -> m.SimpleStatementLine:
+    """``TARGET = VALUE`` alone on a line, for a TARGET and a VALUE that ``target`` and ``value`` match."""
+    return m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(target)], value=value)])
+
+
 def assigns_self(names: m.BaseMatcherNode) -> m.SimpleStatementLine:
     """``self.NAME = ...`` alone on a line, for a NAME that ``names`` matches."""
-    return m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Attribute(value=SELF, attr=names))])])
+    return assigns(m.Attribute(value=SELF, attr=names))
 
 
 def wrappers(prefix: str) -> m.ClassDef:

@@ -6,9 +6,10 @@ import libcst as cst
 import libcst.matchers as m
 
 from rewriter.rule import Rule
+from rewriter.rules.matchers import assigns
 
 PRETRAINED_MODEL = m.ClassDef(name=m.Name("Gemma2PreTrainedModel"))
-SUPPORTS_SDPA = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name("_supports_sdpa"))])])
+SUPPORTS_SDPA = assigns(m.Name("_supports_sdpa"))
 REFUSES_SDPA = m.SimpleStatementLine(body=[m.Assign(value=m.Name("False"))])
 NO_SOFTCAPPING = cst.TrailingWhitespace(
     whitespace=cst.SimpleWhitespace("  "), comment=cst.Comment("# sdpa does not support softcapping")

@@ -2,8 +2,9 @@
 13 of left context; 5.5.0 and 5.6.x assume it in the relative positions):
 
 - audio-eager-mask (5.5.0 to 5.19.x): with ``attn_implementation="eager"`` the tower reads eager's additive float
-  mask as a boolean one and attends exactly where it should not. The oracle is sdpa on the same weights, which
-  upstream gets right in every release and which is 5.20.0's eager bit for bit (docs/bugs/audio-eager-mask.md).
+  mask as a boolean one and attends exactly where it should not. The oracle is 5.20.0, which fixed it: its eager
+  features on the same weights, in ``fixtures/audio_eager_mask_reference.pt``; sdpa, which upstream gets right in
+  every release, gives them too.
 - audio-features-dtype (5.5.0 to 5.14.x): under autocast, or with the audio tower in another dtype than the text
   model, scattering the audio features raises. The oracle is 5.15.0, which fixed it: its logits on the same
   weights, in ``fixtures/audio_features_dtype_reference.pt``.
@@ -159,15 +160,17 @@ def whole_model_features(attn_implementation: str) -> torch.Tensor:
         return model.model.get_audio_features(*clips(), return_dict=True).last_hidden_state
 
 
-def test_patched_eager_is_sdpa_bit_for_bit(cache_dir):
+def test_patched_eager_is_the_fixed_release_s_and_sdpa_s_bit_for_bit(cache_dir):
+    fixed = reference("audio_eager_mask")
+    assert fixed["transformers"] == "5.20.0"
     sdpa = {dtype: tower_features(audio_tower("sdpa", dtype), dtype) for dtype in (torch.float32, torch.bfloat16)}
-    whole_sdpa = whole_model_features("sdpa")
     report = rewriter.compile("gemma4", cache_dir=cache_dir, strict=True)
     assert report.outcome("audio-eager-mask").status == "applied"
     for dtype, expected in sdpa.items():
-        assert torch.equal(tower_features(audio_tower("eager", dtype), dtype), expected)
+        eager = tower_features(audio_tower("eager", dtype), dtype)
+        assert torch.equal(eager, fixed["features"][str(dtype)]) and torch.equal(eager, expected)
     assert torch.equal(tower_features(audio_tower("sdpa")), sdpa[torch.float32])  # the boolean path is untouched
-    assert torch.equal(whole_model_features("eager"), whole_sdpa)  # a whole model asked for eager
+    assert torch.equal(whole_model_features("eager"), fixed["whole_model"])  # a whole model asked for eager
 
 
 # ---- audio-features-dtype ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from transformers.models.gemma4 import modeling_gemma4
 
 import rewriter
 from rewriter import testing
+from rewriter.install import InstallError, install, plan, uninstall
 from tests.conftest import run_python
 
 Attention = modeling_gemma4.Gemma4TextAttention
@@ -170,3 +171,46 @@ print(Trainer.create_accelerator_and_postprocess.__code__.co_filename.startswith
     result = run_python(code, env={"REWRITER_NO_SHIPPED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["False", "None", "applied", "True", "False"]
+
+
+SCRATCH = '''
+FLAG = "module-level"
+
+
+class Model:
+    FLAG = True
+    _supports_sdpa = True
+
+    def forward(self):
+        return "forward"
+'''
+
+
+def test_a_changed_literal_class_attribute_is_set_on_the_live_class_and_restored(tmp_path, monkeypatch):
+    (tmp_path / "rewriter_scratch_model.py").write_text(SCRATCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import rewriter_scratch_model as module
+
+    patched = SCRATCH.replace("_supports_sdpa = True", "_supports_sdpa = False  # now refused")
+    patch = plan("rewriter_scratch_model", SCRATCH, patched)
+    assert (patch.replacements, patch.definitions) == ((), ())
+    assert patch.attributes == (("Model._supports_sdpa", 7, 7),)
+    installed = install(patch, patched, "<scratch>")
+    assert module.Model._supports_sdpa is False and module.Model().forward() == "forward"
+    uninstall(installed)
+    assert module.Model._supports_sdpa is True
+
+
+@pytest.mark.parametrize(
+    "old, new, why",
+    [
+        ("_supports_sdpa = True", "_supports_sdpa = FLAG", "must be a literal"),  # a class body's name: not resolved
+        ("_supports_sdpa = True", "_supports_sdpa = True\n    _supports_flex = False", "not only its methods"),
+        ("    _supports_sdpa = True\n", "", "not only its methods"),
+        ("_supports_sdpa = True", "_supports_flash = True", "not only its methods"),
+    ],
+    ids=["computed", "added", "removed", "renamed"],
+)
+def test_a_class_attribute_rule_change_other_than_a_new_literal_is_refused(old, new, why):
+    with pytest.raises(InstallError, match=why):
+        plan("rewriter_scratch_model", SCRATCH, SCRATCH.replace(old, new))

@@ -48,7 +48,7 @@ def test_unpatched_bfloat16_router_weighs_and_picks_experts_unlike_5_13(referenc
     other_experts = (experts(index) != experts(reference["top_k_index"])).any(dim=-1)
     assert other_experts.sum() >= 3  # 4 of the 64 tokens
     same = (index == reference["top_k_index"]).all(dim=-1)
-    assert (weights.float() - reference["top_k_weights"])[same].abs().max() > 1e-3  # 1.4e-3
+    assert (weights.float() - reference["top_k_weights"])[same].abs().max() > 1e-3  # 1.3e-3
 
 
 def test_patched_router_routes_exactly_as_5_13(reference, cache_dir):
