@@ -130,6 +130,13 @@ def flash_attention_images() -> tuple[bool, str]:
     return False, f"image batch runs, max |logits - sdpa's| = {gap:.3g}"
 
 
+def audio_eager_mask() -> tuple[bool, str]:
+    """audio-eager-mask: under eager attention the audio tower attends exactly where its mask says not to."""
+    sdpa = testing.audio_features(testing.audio_tower("sdpa"))
+    gap = (testing.audio_features(testing.audio_tower("eager")) - sdpa).abs().max().item()
+    return gap == 0.0, f"max |audio features(eager) - (sdpa)| = {gap:.3g}"
+
+
 def softcap_default_attention() -> tuple[bool, str]:
     """softcap-sdpa: a Gemma-2 built with no ``attn_implementation`` runs SDPA, which drops the attention softcap."""
     ids = testing.input_ids(batch=2)
@@ -180,21 +187,22 @@ CHECKS = (
     Check("7 flash-attention-image-mask", "Gemma-3 image batch under FlashAttention", flash_attention_images),
     Check("8 softcap-sdpa", "Gemma-2 default attention vs eager, softcap 1.0", softcap_default_attention),
 )
-# Bugs of later releases, shown where the installed release has them
-LATER_CHECKS = (
-    (
-        "image_hidden_states",
-        Check("9 text-only-output-properties", "image_hidden_states of a text-only output", text_only_image_hidden_states),
-    ),
+TEXT_ONLY_OUTPUT = Check(
+    "10 text-only-output-properties", "image_hidden_states of a text-only output", text_only_image_hidden_states
 )
+AUDIO_MASK = Check("9 audio-eager-mask", "Gemma-4 audio tower, eager vs sdpa, a padded clip", audio_eager_mask)
 
 
 def checks() -> tuple[Check, ...]:
-    """``CHECKS``, and each of ``LATER_CHECKS`` whose property the installed Gemma-4 outputs have."""
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4ModelOutputWithPast
+    """``CHECKS``, and those of the bugs only some releases have, where the installed release has them: output
+    properties from 5.24.0; an audio tower that takes sdpa's mask, so that eager can be compared with it, to 5.19.x."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4AudioModel, Gemma4ModelOutputWithPast
 
-    later = (check for name, check in LATER_CHECKS if isinstance(getattr(Gemma4ModelOutputWithPast, name, None), property))
-    return (*CHECKS, *later)
+    later = {
+        TEXT_ONLY_OUTPUT: isinstance(getattr(Gemma4ModelOutputWithPast, "image_hidden_states", None), property),
+        AUDIO_MASK: Gemma4AudioModel._supports_sdpa,
+    }
+    return (*CHECKS, *(check for check, present in later.items() if present))
 
 
 def run(console) -> bool:

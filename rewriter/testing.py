@@ -6,6 +6,8 @@ full attention, and full layers have a larger head_dim than sliding ones, as in 
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 
@@ -173,6 +175,55 @@ def text_model(family: str, seed: int = 0):
     classes = {"gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM", "gemma4": "Gemma4ForCausalLM"}
     torch.manual_seed(seed)
     return getattr(transformers, classes[family])(configs[family]()).eval()
+
+
+AUDIO_FEATURES, AUDIO_FRAMES = 16, 80  # the tiny audio tower's input width; 80 frames are 20 audio tokens
+
+
+def audio_config():
+    """A two-layer Gemma-4 audio tower with the real checkpoints' chunking (chunks of 12 frames, 13 of left context)."""
+    from transformers import Gemma4AudioConfig
+
+    return Gemma4AudioConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        subsampling_conv_channels=[16, 8],
+        conv_kernel_size=3,
+        output_proj_dims=48,
+    )
+
+
+def seeded(model):
+    """``model`` with every parameter drawn from a generator seeded by its name: the same weights in any release.
+    In eval mode."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def audio_tower(attn_implementation: str, dtype: torch.dtype = torch.float32):
+    """``audio_config()``'s tower, seeded, with the attention implementation (the mask format) asked for."""
+    from transformers import Gemma4AudioModel
+
+    return seeded(Gemma4AudioModel._from_config(audio_config(), attn_implementation=attn_implementation)).to(dtype)
+
+
+def audio_clips(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input features and mask of ``batch`` clips; the second one is shorter (its last 30 frames are padding)."""
+    features = torch.randn(batch, AUDIO_FRAMES, AUDIO_FEATURES, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(batch, AUDIO_FRAMES, dtype=torch.bool)
+    mask[1:, AUDIO_FRAMES - 30 :] = False
+    return features, mask
+
+
+def audio_features(tower, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tower's features of ``audio_clips()``."""
+    features, mask = audio_clips()
+    with torch.no_grad():
+        return tower(features.to(dtype), mask).last_hidden_state
 
 
 def gemma2_model(implementation: str | None = None):

@@ -83,7 +83,7 @@ def test_demo_shows_every_bug_then_fixes_it(cache_dir):
     assert code == 0, out + err
     assert "IndexError" in out and "mat1 and mat2 shapes cannot be multiplied" in out
     assert "hash seed 0: full, sliding; hash seed 1: sliding, full" in " ".join(out.split())
-    assert out.count("│ fixed │") == 9 and "NOT FIXED" not in out
+    assert out.count("│ fixed │") == 10 and "NOT FIXED" not in out
 
 
 def test_compile_attention_flag_reports_the_attention(cache_dir):

@@ -12,7 +12,7 @@
   ``torch.finfo`` on packed integer weights. The oracle is 5.11.0, which fixed it: its features of the same
   quantized tower, in ``fixtures/audio_quantized_weights_reference.pt``.
 
-Every parameter is drawn from a generator seeded by its name (``seeded``), so that any release builds the same
+Every parameter is drawn from a generator seeded by its name (``testing.seeded``), so that any release builds the same
 weights; ``fixtures/make_audio_*_reference.py`` run these builders under the fixed releases. The references were
 computed on one CPU: another instruction set's kernels may round otherwise, but on this one patched 5.5.0 gives the
 fixed releases' numbers to the last bit.
@@ -21,7 +21,6 @@ fixed releases' numbers to the last bit.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from pathlib import Path
 
 import pytest
@@ -30,24 +29,9 @@ import torch
 import rewriter
 from rewriter import testing
 
-FEATURES = 16  # the input width of the tiny tower: 4 * hidden_size / subsampling_conv_channels[-1]
-FRAMES = 80  # 20 audio tokens: the subsampling halves the frames twice
 FIXTURES = Path(__file__).with_name("fixtures")
 SAME_DTYPES = "expected self and source to have same dtypes"
 FINFO_OF_INTEGERS = r"torch.finfo\(\) requires a floating point input type"
-
-
-def audio_config():
-    from transformers import Gemma4AudioConfig
-
-    return Gemma4AudioConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        subsampling_conv_channels=[16, 8],
-        conv_kernel_size=3,
-        output_proj_dims=48,
-    )
 
 
 def config():
@@ -57,36 +41,8 @@ def config():
     text = testing.text_config(
         0, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0
     )
-    return Gemma4Config(**testing.SPECIAL_TOKENS, text_config=text, vision_config=None, audio_config=audio_config())
-
-
-def seeded(model):
-    """``model`` with every parameter drawn from a generator seeded by its name: the same weights in any release."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.eval()
-
-
-def audio_tower(attn_implementation: str, dtype: torch.dtype = torch.float32):
-    from transformers import Gemma4AudioModel
-
-    return seeded(Gemma4AudioModel._from_config(audio_config(), attn_implementation=attn_implementation)).to(dtype)
-
-
-def clips(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input features and mask of ``batch`` clips; the second one is shorter (its last 30 frames are padding)."""
-    features = torch.randn(batch, FRAMES, FEATURES, generator=torch.Generator().manual_seed(3))
-    mask = torch.ones(batch, FRAMES, dtype=torch.bool)
-    mask[1:, FRAMES - 30 :] = False
-    return features, mask
-
-
-def tower_features(tower, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    features, mask = clips()
-    with torch.no_grad():
-        return tower(features.to(dtype), mask).last_hidden_state
+    audio = testing.audio_config()
+    return Gemma4Config(**testing.SPECIAL_TOKENS, text_config=text, vision_config=None, audio_config=audio)
 
 
 # audio-features-dtype: a full model and an audio prompt, in three dtype set-ups
@@ -97,7 +53,7 @@ def audio_model(mode: str):
     embedder kept in float32 (``"mixed"``)."""
     from transformers import Gemma4ForConditionalGeneration
 
-    model = seeded(Gemma4ForConditionalGeneration(config()))
+    model = testing.seeded(Gemma4ForConditionalGeneration(config()))
     if mode == "mixed":
         model.to(torch.bfloat16)
         model.model.audio_tower.float()
@@ -107,8 +63,8 @@ def audio_model(mode: str):
 
 def audio_prompt() -> dict:
     """Text, then ``<boa>`` and one clip's 20 audio tokens, then text."""
-    features, mask = clips(1)
-    audio = [testing.SPECIAL_TOKENS["audio_token_id"]] * (FRAMES // 4)
+    features, mask = testing.audio_clips(1)
+    audio = [testing.SPECIAL_TOKENS["audio_token_id"]] * (testing.AUDIO_FRAMES // 4)
     ids = torch.tensor([[2, 10, 11, testing.SPECIAL_TOKENS["boa_token_id"], *audio, 12, 13, 14]])
     return {"input_ids": ids, "input_features": features, "input_features_mask": mask}
 
@@ -147,29 +103,32 @@ def reference(name: str) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_unpatched_eager_attends_where_the_mask_says_not_to(dtype):
-    eager, sdpa = tower_features(audio_tower("eager", dtype), dtype), tower_features(audio_tower("sdpa", dtype), dtype)
+    eager, sdpa = (testing.audio_features(testing.audio_tower(kind, dtype), dtype) for kind in ("eager", "sdpa"))
     assert (eager.float() - sdpa.float()).abs().max() > 0.1  # measured 0.154 (float32), 0.153 (bfloat16)
 
 
 def whole_model_features(attn_implementation: str) -> torch.Tensor:
     from transformers import Gemma4ForConditionalGeneration
 
-    model = seeded(Gemma4ForConditionalGeneration._from_config(config(), attn_implementation=attn_implementation))
+    model = Gemma4ForConditionalGeneration._from_config(config(), attn_implementation=attn_implementation)
+    model = testing.seeded(model)
     assert model.model.audio_tower.config._attn_implementation == attn_implementation
     with torch.no_grad():
-        return model.model.get_audio_features(*clips(), return_dict=True).last_hidden_state
+        return model.model.get_audio_features(*testing.audio_clips(), return_dict=True).last_hidden_state
 
 
 def test_patched_eager_is_the_fixed_release_s_and_sdpa_s_bit_for_bit(cache_dir):
     fixed = reference("audio_eager_mask")
     assert fixed["transformers"] == "5.20.0"
-    sdpa = {dtype: tower_features(audio_tower("sdpa", dtype), dtype) for dtype in (torch.float32, torch.bfloat16)}
+    dtypes = (torch.float32, torch.bfloat16)
+    sdpa = {dtype: testing.audio_features(testing.audio_tower("sdpa", dtype), dtype) for dtype in dtypes}
     report = rewriter.compile("gemma4", cache_dir=cache_dir, strict=True)
     assert report.outcome("audio-eager-mask").status == "applied"
     for dtype, expected in sdpa.items():
-        eager = tower_features(audio_tower("eager", dtype), dtype)
+        eager = testing.audio_features(testing.audio_tower("eager", dtype), dtype)
         assert torch.equal(eager, fixed["features"][str(dtype)]) and torch.equal(eager, expected)
-    assert torch.equal(tower_features(audio_tower("sdpa")), sdpa[torch.float32])  # the boolean path is untouched
+    sdpa_after = testing.audio_features(testing.audio_tower("sdpa"))
+    assert torch.equal(sdpa_after, sdpa[torch.float32])  # the boolean path is untouched
     assert torch.equal(whole_model_features("eager"), fixed["whole_model"])  # a whole model asked for eager
 
 
@@ -201,7 +160,7 @@ def test_patched_logits_are_the_fixed_release_ones_bit_for_bit(cache_dir):
 @pytest.fixture(scope="module")
 def saved_tower(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("audio-tower")
-    audio_tower("sdpa").save_pretrained(folder)
+    testing.audio_tower("sdpa").save_pretrained(folder)
     return folder
 
 
@@ -211,7 +170,7 @@ def test_unpatched_quantized_tower_calls_finfo_on_packed_weights(saved_tower, bi
     weight = tower.layers[0].feed_forward1.ffw_layer_1.linear.weight
     assert weight.dtype == (torch.uint8 if bits == 4 else torch.int8)  # bitsandbytes packed it
     with pytest.raises(TypeError, match=FINFO_OF_INTEGERS):
-        tower_features(tower)
+        testing.audio_features(tower)
 
 
 def test_patched_quantized_tower_gives_the_fixed_release_features_bit_for_bit(saved_tower, cache_dir):
@@ -220,4 +179,5 @@ def test_patched_quantized_tower_gives_the_fixed_release_features_bit_for_bit(sa
     outcome = rewriter.compile("gemma4", cache_dir=cache_dir, strict=True).outcome("audio-quantized-weights")
     assert (outcome.status, outcome.sites) == ("applied", 3)
     for bits in (4, 8):
-        assert torch.equal(tower_features(quantized_tower(saved_tower, bits)), expected["features"][f"{bits}-bit"])
+        features = testing.audio_features(quantized_tower(saved_tower, bits))
+        assert torch.equal(features, expected["features"][f"{bits}-bit"])
