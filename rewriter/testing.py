@@ -6,6 +6,7 @@ full attention, and full layers have a larger head_dim than sliding ones, as in 
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 import torch
@@ -202,6 +203,49 @@ def seeded(model):
             generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     return model.eval()
+
+
+def seeded_in_name_order(model, scale: float = 0.05):
+    """``model`` with every parameter drawn, in name order, from one generator seeded with 0: the same weights in any
+    release whose parameters have the same shapes in name order (``weights_digest`` tells), even where names differ."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+def weights_digest(model) -> str:
+    """Every parameter's shape and values, in name order: what makes two releases' seeded models the same."""
+    digest = hashlib.sha256()
+    for _, parameter in sorted(model.named_parameters()):
+        digest.update(str(tuple(parameter.shape)).encode())
+        digest.update(parameter.detach().double().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def gemma3n_multimodal(config, *empty_towers: str):
+    """``Gemma3nForConditionalGeneration(config)`` with the towers whose ``model_type`` is in ``empty_towers``
+    (``"gemma3n_vision"``, ``"gemma3n_audio"``) built as empty modules: the vision tower is a timm model, and timm
+    needs a torchvision that has no build for this torch; tests that feed a tower no input need not build it."""
+    import transformers
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    class Towers:
+        def __init__(self, auto_model):
+            self.auto_model = auto_model
+
+        def from_config(self, config=None, **kwargs):
+            config = config if config is not None else kwargs.pop("config")
+            if config.model_type in empty_towers:
+                return torch.nn.Module()
+            return self.auto_model.from_config(config, **kwargs)
+
+    auto_model, modeling_gemma3n.AutoModel = modeling_gemma3n.AutoModel, Towers(modeling_gemma3n.AutoModel)
+    try:
+        return transformers.Gemma3nForConditionalGeneration(config)
+    finally:
+        modeling_gemma3n.AutoModel = auto_model
 
 
 def audio_tower(attn_implementation: str, dtype: torch.dtype = torch.float32):

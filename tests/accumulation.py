@@ -21,12 +21,8 @@ def seeded_model():
     """A tiny Gemma-4 multimodal model with bidirectional vision attention (31B, 26B-A4B), same weights everywhere."""
     from transformers import Gemma4ForConditionalGeneration
 
-    model = Gemma4ForConditionalGeneration(testing.vision_config(use_bidirectional_attention="vision"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model
+    config = testing.vision_config(use_bidirectional_attention="vision")
+    return testing.seeded_in_name_order(Gemma4ForConditionalGeneration(config))
 
 
 def one_sgd_step(batch_size: int, accumulation: int):

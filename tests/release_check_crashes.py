@@ -21,7 +21,6 @@ has (4.x included).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -140,27 +139,12 @@ def video_features_tuple(model, inputs: dict) -> dict:
 # -- placeholder-mask-defaults, audio-outputs-collision -----------------------------------------------------------
 
 
-class _Towers:
-    """``AutoModel`` for ``modeling_gemma3n`` while the model is built: the vision tower is a timm model (timm is not
-    installed) and no input here reaches it, so it is an empty module; the audio tower is the real one."""
-
-    def __init__(self, auto_model):
-        self.auto_model = auto_model
-
-    def from_config(self, config=None, **kwargs):
-        config = config if config is not None else kwargs.pop("config")
-        if config.model_type == "gemma3n_vision":
-            return torch.nn.Module()
-        return self.auto_model.from_config(config, **kwargs)
-
-
 def gemma3n_audio_model():
     """A tiny Gemma-3n multimodal model with a real one-layer audio conformer (four soft tokens a clip): the text
     model of ``testing.gemma3n_text_config`` without KV sharing (so that kv-sharing-without-cache does not change the
     logits), every parameter drawn from one seeded generator in name order so that every release builds the same
     weights (``weights`` names them). In eval mode."""
     import transformers
-    from transformers.models.gemma3n import modeling_gemma3n
 
     config = transformers.Gemma3nConfig(
         text_config=testing.gemma3n_text_config(num_kv_shared_layers=0, vocab_size=272).to_dict(),
@@ -182,25 +166,8 @@ def gemma3n_audio_model():
         boa_token_id=264,
         eoa_token_id=266,
     )
-    auto_model, modeling_gemma3n.AutoModel = modeling_gemma3n.AutoModel, _Towers(modeling_gemma3n.AutoModel)
-    try:
-        model = transformers.Gemma3nForConditionalGeneration(config)
-    finally:
-        modeling_gemma3n.AutoModel = auto_model
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model.eval()
-
-
-def weights_name(model) -> str:
-    """Every parameter's shape and values, in name order: what makes two releases' models the same."""
-    digest = hashlib.sha256()
-    for _, parameter in sorted(model.named_parameters()):
-        digest.update(str(tuple(parameter.shape)).encode())
-        digest.update(parameter.detach().double().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    # the vision tower gets no input here: an empty module; the audio tower is the real one
+    return testing.seeded_in_name_order(testing.gemma3n_multimodal(config, "gemma3n_vision")).eval()
 
 
 def audio_inputs(seed: int = 3) -> dict:
@@ -222,7 +189,7 @@ def gemma3n_audio(model, rule: str) -> dict:
     logits = audio_logits(model)
     return {
         "oracle": FIXED_IN[rule],
-        "same_weights_as_oracle": weights_name(model) == reference["weights"],
+        "same_weights_as_oracle": testing.weights_digest(model) == reference["weights"],
         "logits_equal_oracle": torch.equal(logits, reference["logits"]),
         "oracle_gap": gap(logits, reference["logits"]),
         "another_clip_gap": gap(logits, audio_logits(model, seed=4)),  # the audio reaches the logits

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sys
-import zlib
 
 import torch
 
@@ -31,12 +30,7 @@ def model(implementation: str):
 
     config = testing.vision_config(use_bidirectional_attention="vision")
     config._attn_implementation = implementation
-    built = Gemma4ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, parameter in built.named_parameters():
-            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return built
+    return testing.seeded(Gemma4ForConditionalGeneration(config))
 
 
 def logits() -> dict[str, torch.Tensor]:

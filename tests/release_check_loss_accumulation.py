@@ -10,7 +10,6 @@ order (as tests/accumulation.py does), so that every release starts from the sam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 
@@ -18,7 +17,6 @@ import sys
 # environment: hide it, or importing Trainer fails. The rows go to Trainer as a plain list.
 sys.modules["datasets"] = None
 
-import torch
 from accumulation import one_sgd_step  # tests/, this script's folder
 
 import rewriter
@@ -39,48 +37,14 @@ def gemma3n_config():
     )
 
 
-class _Towers:
-    """``AutoModel`` for ``modeling_gemma3n`` while a model is built: the vision tower is a timm model (timm is not
-    installed) and the audio tower a large conformer; text-only training calls neither, so both are empty modules."""
-
-    def __init__(self, auto_model):
-        self.auto_model = auto_model
-
-    def from_config(self, config=None, **kwargs):
-        config = config if config is not None else kwargs.pop("config")
-        if config.model_type in ("gemma3n_vision", "gemma3n_audio"):
-            return torch.nn.Module()
-        return self.auto_model.from_config(config, **kwargs)
-
-
 def seeded_model(family: str):
     import transformers
 
-    if family == "gemma3n":
-        from transformers.models.gemma3n import modeling_gemma3n
-
-        auto_model, modeling_gemma3n.AutoModel = modeling_gemma3n.AutoModel, _Towers(modeling_gemma3n.AutoModel)
-        try:
-            model = transformers.Gemma3nForConditionalGeneration(gemma3n_config())
-        finally:
-            modeling_gemma3n.AutoModel = auto_model
+    if family == "gemma3n":  # text-only training calls neither tower
+        model = testing.gemma3n_multimodal(gemma3n_config(), "gemma3n_vision", "gemma3n_audio")
     else:
         model = transformers.Gemma3ForConditionalGeneration(testing.gemma3_vision_config())
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model
-
-
-def weights_name(model) -> str:
-    """What makes two releases' seeded models the same: every parameter's shape and values, in name order (names
-    alone may change: 5.x drops Gemma-3's ``vision_tower.vision_model`` level, which keeps the order)."""
-    digest = hashlib.sha256()
-    for _, parameter in sorted(model.named_parameters()):
-        digest.update(str(tuple(parameter.shape)).encode())
-        digest.update(parameter.detach().double().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return testing.seeded_in_name_order(model)
 
 
 def train_one_step(family: str, batch_size: int, accumulation: int) -> dict:
@@ -134,7 +98,7 @@ def patch(family: str, cache_dir: str) -> list:
 def main(cache_dir: str, family: str) -> dict:
     import transformers
 
-    result = {"transformers": transformers.__version__, "family": family, "weights": weights_name(seeded_model(family))}
+    result = {"transformers": transformers.__version__, "family": family, "weights": testing.weights_digest(seeded_model(family))}
     result["unpatched"] = compare(family)
     result["origin"], *outcome = patch(family, cache_dir)
     result["outcome"] = outcome
