@@ -98,7 +98,8 @@ def patch(family: str, cache_dir: str) -> list:
 def main(cache_dir: str, family: str) -> dict:
     import transformers
 
-    result = {"transformers": transformers.__version__, "family": family, "weights": testing.weights_digest(seeded_model(family))}
+    weights = testing.weights_digest(seeded_model(family))
+    result = {"transformers": transformers.__version__, "family": family, "weights": weights}
     result["unpatched"] = compare(family)
     result["origin"], *outcome = patch(family, cache_dir)
     result["outcome"] = outcome
