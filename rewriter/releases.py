@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -27,15 +28,21 @@ def wheel_dir() -> Path:
 
 
 def fetch_wheel(version: str, folder: Path | None = None) -> Path:
-    """The transformers wheel of ``version``, downloaded with ``pip download --no-deps`` unless already there."""
+    """The transformers wheel of ``version``, downloaded with ``pip download --no-deps`` unless already there. The
+    download lands in a folder of its own and is renamed into place: a process that finds the wheel finds it whole,
+    whatever others download at the same time."""
     folder = folder or wheel_dir()
     wheel = folder / f"transformers-{version}-py3-none-any.whl"
     if not wheel.exists():
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:"]
-        pip = subprocess.run([*command, "-d", str(folder), f"transformers=={version}"], capture_output=True, text=True)
-        if pip.returncode != 0 or not wheel.exists():
-            why = pip.stderr.strip().splitlines()[-1:] or [f"pip exited with {pip.returncode} and no wheel"]
-            raise FetchError(f"cannot download the transformers {version} wheel: {why[0]}")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as download:
+            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:"]
+            pip = subprocess.run([*command, "-d", download, f"transformers=={version}"], capture_output=True, text=True)
+            downloaded = Path(download) / wheel.name
+            if pip.returncode != 0 or not downloaded.exists():
+                why = pip.stderr.strip().splitlines()[-1:] or [f"pip exited with {pip.returncode} and no wheel"]
+                raise FetchError(f"cannot download the transformers {version} wheel: {why[0]}")
+            os.replace(downloaded, wheel)
     return wheel
 
 

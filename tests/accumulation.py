@@ -25,13 +25,13 @@ def seeded_model():
     return testing.seeded_in_name_order(Gemma4ForConditionalGeneration(config))
 
 
-def one_sgd_step(batch_size: int, accumulation: int):
+def one_sgd_step(batch_size: int, accumulation: int, output_dir: str):
     """``Trainer`` arguments of one plain SGD step (learning rate 0.1, no clipping) over ``batch_size`` x
     ``accumulation`` rows on the CPU, logged, nothing saved."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="accumulation-"),
+        output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -55,9 +55,9 @@ def train_one_step(batch_size: int, accumulation: int) -> tuple[float, dict[str,
     all_text = [[0] * len(row) for row in rows]  # the unpatched release needs token types; patched, it does not
     dataset = Dataset.from_dict({"input_ids": rows, "labels": rows, "mm_token_type_ids": all_text})
     model = seeded_model()
-    args = one_sgd_step(batch_size, accumulation)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    trainer.train()
+    with tempfile.TemporaryDirectory(prefix="accumulation-") as output_dir:
+        trainer = Trainer(model=model, args=one_sgd_step(batch_size, accumulation, output_dir), train_dataset=dataset)
+        trainer.train()
     return trainer.state.log_history[0]["loss"], {name: p.detach().clone() for name, p in model.named_parameters()}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -81,30 +83,51 @@ def hash_seeds_by_order(count: int) -> dict[tuple[str, ...], list[int]]:
     return groups
 
 
+@contextlib.contextmanager
+def exclusive(lock: Path):
+    """Hold an exclusive lock on the file ``lock`` (the suite's pytest-xdist workers share some set-up)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def session_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this test session that every pytest-xdist worker sees: the parent of the workers' base folders."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 def build_wheel(folder: Path) -> tuple[Path, str]:
     """rewriter's wheel, built into ``folder``, and what the build printed. ``build/`` goes first: setuptools reuses
-    it, and it keeps files since removed from the tree (cache entries of an older prebuild)."""
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", folder, ROOT]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    it, and it keeps files since removed from the tree (cache entries of an older prebuild). One build at a time."""
+    with exclusive(ROOT / "build.lock"):
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", folder, ROOT]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
     return next(Path(folder).glob("rewriter-*.whl")), result.stdout + result.stderr
 
 
 @pytest.fixture(scope="session")
 def rewriter_wheel(tmp_path_factory) -> Path:
-    return build_wheel(tmp_path_factory.mktemp("wheel"))[0]
+    """rewriter's wheel, built once a session."""
+    folder = session_folder(tmp_path_factory, "wheel")
+    with exclusive(folder.with_name("wheel.lock")):
+        return next(folder.glob("rewriter-*.whl"), None) or build_wheel(folder)[0]
 
 
 @pytest.fixture(scope="session")
 def release_env(tmp_path_factory, rewriter_wheel):
     """``release_env(version)``: the Python of a virtual environment with transformers ``version``, made once a
     session (``release_python``)."""
-    made: dict[str, Path] = {}
 
     def python(version: str) -> Path:
-        if version not in made:
-            made[version] = release_python(version, tmp_path_factory.mktemp(f"venv-{version}"), rewriter_wheel)
-        return made[version]
+        folder = session_folder(tmp_path_factory, f"venv-{version}")
+        with exclusive(folder.with_name(f"venv-{version}.lock")):
+            if not (folder / "made").exists():
+                release_python(version, folder, rewriter_wheel)
+                (folder / "made").touch()
+        return folder / "bin" / "python"
 
     return python
 

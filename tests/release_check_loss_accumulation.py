@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 # The test environment's datasets needs huggingface_hub 1.x, which a 4.x release replaces with 0.x in its virtual
 # environment: hide it, or importing Trainer fails. The rows go to Trainer as a plain list.
@@ -53,7 +54,8 @@ def train_one_step(family: str, batch_size: int, accumulation: int) -> dict:
     from transformers import Trainer
 
     model = seeded_model(family)
-    args = one_sgd_step(batch_size, accumulation)
+    output_dir = tempfile.TemporaryDirectory(prefix="accumulation-")
+    args = one_sgd_step(batch_size, accumulation, output_dir.name)
     # Gemma-3's token types, all text: 5.0.0 to 5.5.4 refuse to train without them (text-only-training)
     types = {"token_type_ids": [0] * len(ROWS[0])} if family == "gemma3" else {}
     rows = [{"input_ids": row, "labels": row, **types} for row in ROWS]
@@ -66,7 +68,8 @@ def train_one_step(family: str, batch_size: int, accumulation: int) -> dict:
         return loss
 
     trainer.training_step = recorded_step
-    trainer.train()
+    with output_dir:
+        trainer.train()
     after = {name: p.detach().clone() for name, p in model.named_parameters()}
     return {
         "logged": trainer.state.log_history[0]["loss"],
