@@ -8,11 +8,11 @@ soft cap of 30 and 262,144 per-layer-input tokens, Gemma-3 without a cap (as the
 head tied to the input embedding. LoRA (peft, r=8) on the attention projections: the LM head is frozen. One batch
 of 1 x ``--tokens`` random tokens, labels = inputs; AdamW on the adapters. Variants:
 
-- ``eager``: the model's forward with labels: transformers' ``ForCausalLMLoss`` on the full logits;
-- ``fused``: the hidden states of the base model (``model.model(...)``) through
-  ``rewriter.fused_loss.fused_linear_cross_entropy`` with ``model.lm_head.weight`` and the model's
-  ``final_logit_softcapping``: what the rewritten forward is to do, emulated here until the rules routing models to
-  it exist;
+- ``eager``: the model's forward with labels, after ``rewriter.compile(family)`` (the fixes, no fused loss):
+  transformers' ``ForCausalLMLoss`` on the full logits;
+- ``fused``: the same forward with labels, after ``rewriter.compile(family, fused_loss=True)``: the rewritten
+  forward computes ``rewriter.fused_loss.causal_lm_loss`` and no logits (the loss head alone: the base model's
+  hidden states through ``fused_linear_cross_entropy`` with ``model.lm_head.weight`` and the model's soft cap);
 - ``trl``: TRL 1.16 has no ``chunked_nll`` function: ``loss_type="chunked_nll"`` is a deprecated alias of ``"nll"``,
   which ``SFTTrainer`` computes with ``trl.trainer.utils.add_fused_lm_head`` (``ChunkedLogProbFunction``, torch ops
   off Triton devices) and the per-token outputs it asks for (log-probabilities, entropy, top-1 for its accuracy
@@ -53,8 +53,8 @@ FAMILIES = ("gemma4", "gemma3")
 VARIANTS = ("eager", "fused", "trl")
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer asks TRL's fused LM head for
 NOTE = (
-    "fused emulates the rewritten forward (base model, then rewriter.fused_loss) until the rules that route models "
-    "to it exist; trl is SFTTrainer's loss_type='nll' (TRL 1.16's 'chunked_nll' is a deprecated alias of it): "
+    "eager and fused train the model's own forward after rewriter.compile(family) and rewriter.compile(family, "
+    "fused_loss=True); trl is SFTTrainer's loss_type='nll' (TRL 1.16's 'chunked_nll' is a deprecated alias of it): "
     "trl.trainer.utils.add_fused_lm_head with outputs " + ", ".join(SFT_OUTPUTS)
 )
 
@@ -120,13 +120,11 @@ HEADS = {"eager": eager_head, "fused": fused_head, "trl": trl_head}
 
 def training_step(model, optimizer, variant: str, ids) -> float:
     optimizer.zero_grad(set_to_none=True)
-    base = model.get_base_model()
-    if variant == "eager":
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    elif variant == "fused":
-        loss = fused_head(base, base.model(input_ids=ids, use_cache=False).last_hidden_state, ids)
-    else:
-        loss = model(input_ids=ids, labels=ids, use_cache=False, fused_lm_head=True).loss
+    fused_lm_head = {"fused_lm_head": True} if variant == "trl" else {}
+    outputs = model(input_ids=ids, labels=ids, use_cache=False, **fused_lm_head)
+    if variant == "fused" and outputs.logits is not None:
+        raise RuntimeError("the forward computed the logits: the fused loss is not installed")
+    loss = outputs.loss
     loss.backward()
     optimizer.step()
     return loss.item()
@@ -181,8 +179,11 @@ def run_case(family: str, variant: str, args) -> dict:
     """One (model, variant): the loss head alone, then the training steps, in this process."""
     import torch
 
+    import rewriter
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    rewriter.compile(family, fused_loss=variant == "fused")
     model = build_model(family, args.hidden)
     base = model.get_base_model()
     if variant == "trl":

@@ -67,6 +67,7 @@ def compile(
     use_shipped: bool = True,
     compile_attention: bool = False,
     compile_decode: str | None = None,
+    fused_loss: bool = False,
 ) -> CompileReport:
     """Rewrite ``family``'s transformers source with its rules, cache it, and install it into the live classes.
 
@@ -79,12 +80,12 @@ def compile(
     ``compile_attention=True`` also wraps the family's text attention in ``torch.compile`` (``rewriter.attention``),
     or says in ``report.attention`` why it stays eager. ``compile_decode="forward"`` or ``"layers"`` makes
     ``generate`` use a static cache and compiles each decode step as whole graphs (``rewriter.generation``);
-    ``report.decode`` says which, or why it stays eager.
+    ``report.decode`` says which, or why it stays eager. ``fused_loss=True`` adds the opt-in fused-loss rule
+    (``rewriter.fused_loss``): training forwards given labels return the loss without logits; its entry is built
+    on first use (no shipped entry has it).
     """
-    family = get_family(family)
-    if (compile_attention or compile_decode) and family.attention is None:
-        raise ValueError(f"{family.name} has no compiled attention; families with one: {', '.join(_with_attention())}")
-    _check_decode_unit(compile_decode, compile_attention)
+    family = get_family(family, fused_loss=fused_loss)
+    _check_compiled_modes(family, compile_attention, compile_decode)
     version, package = installed_transformers(family)
     sources = read_sources(family, package)
     key, components = entry_key(family, sources)
@@ -123,14 +124,21 @@ def compile_on_import(*families: str, **options) -> dict[str, CompileReport]:
     (modeling or processing), at once for those it already imported; the reports of those come back, the others are
     ``compiled(family)`` once imported.
 
-    ``options`` are ``compile``'s. A family's patch runs right after transformers imports its module and before
-    the import returns, so no model is built unpatched; a family whose module is never imported costs nothing.
-    Errors (drift under ``strict``, an unsupported transformers) surface from that import.
+    ``options`` are ``compile``'s. With no family named, ``fused_loss``, ``compile_attention`` and
+    ``compile_decode`` go to the families that have them; a named family without them is a ``ValueError`` at once.
+    A family's patch runs right after transformers imports its module and before the import returns, so no model
+    is built unpatched; a family whose module is never imported costs nothing. Errors (drift under ``strict``, an
+    unsupported transformers) surface from that import.
     """
-    chosen = [get_family(name) for name in families or FAMILIES]
+    fused_loss = options.pop("fused_loss", False)
+    chosen = [get_family(name, fused_loss=fused_loss) for name in families] or list(FAMILIES.values())
     for family in chosen:
+        own = {**options, "fused_loss": fused_loss and "fused-loss" in family.opt_in}
+        if not families and family.attention is None:
+            own.update(compile_attention=False, compile_decode=None)
+        _check_compiled_modes(family, own.get("compile_attention", False), own.get("compile_decode"))
         for module in family.entry_modules:  # the first one imported compiles the family, patching every file
-            onimport.when_imported(module, family.name, lambda name=family.name: compile(name, **options))
+            onimport.when_imported(module, family.name, lambda name=family.name, own=own: compile(name, **own))
     return {family.name: _installed[family.name].report for family in chosen if family.name in _installed}
 
 
@@ -181,7 +189,9 @@ def decode_graphs(family: str) -> list[dict]:
     return installation.decoding.graphs() if installation is not None and installation.decoding is not None else []
 
 
-def _check_decode_unit(unit: str | None, compile_attention: bool) -> None:
+def _check_compiled_modes(family: Family, compile_attention: bool, unit: str | None) -> None:
+    if (compile_attention or unit) and family.attention is None:
+        raise ValueError(f"{family.name} has no compiled attention; families with one: {', '.join(_with_attention())}")
     if unit is None:
         return
     from rewriter.generation import UNITS  # imports torch

@@ -25,6 +25,7 @@ def entry_key(family: Family, sources: dict[str, str]) -> tuple[str, dict]:
     components = {
         "rewriter": __version__,
         "family": family.name,
+        "features": list(family.features),
         "sources": {target: sha256(text) for target, text in sources.items()},
         "code": {path.name: sha256(path.read_bytes()) for path in family.code_files()},
     }

@@ -39,6 +39,8 @@ ERRORS = (
     (OSError, "file", 4),
 )
 
+FUSED_LOSS = "with the opt-in fused loss: training forwards given labels return the loss and no logits"
+
 
 def compile_command(args, console: Console) -> int:
     import rewriter
@@ -49,6 +51,7 @@ def compile_command(args, console: Console) -> int:
         strict=args.strict,
         compile_attention=args.compile_attention,
         compile_decode=args.compile_decode,
+        fused_loss=args.fused_loss,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -66,7 +69,7 @@ def diff_command(args, console: Console) -> int:
     from rewriter.cache import lookup, unified_diff
     from rewriter.families import get_family, read_sources
 
-    family = get_family(args.family)
+    family = get_family(args.family, fused_loss=args.fused_loss)
     sources = read_sources(family, transformers_folder(family, args.source_dir))
     found = lookup(entry_key(family, sources)[0], sources, args.cache_dir)
     if found is not None:
@@ -83,7 +86,7 @@ def report_command(args, console: Console) -> int:
     """The rules' verdicts on a transformers source tree (an unzipped wheel), which is never imported."""
     from rewriter.families import get_family
 
-    family = get_family(args.family)
+    family = get_family(args.family, fused_loss=args.fused_loss)
     _, _, outcomes = rewrite_folder(family, args.source_dir)
     if args.json:
         print(json.dumps([asdict(outcome) for outcome in outcomes], indent=2))
@@ -136,18 +139,19 @@ def cache_command(args, console: Console) -> int:
         user = locations["user_cache"]
         console.print(f"removed {user.clear()} entries from {user.root}")
         return 0
-    installed = {}  # key of each family's entry for these sources -> (family, its sources)
+    installed = {}  # key of each family's entry for these sources -> (family, its sources), opt-in features too
     for family in FAMILIES.values():
         try:
             sources = read_sources(family, transformers_folder(family, args.source_dir))
         except RewriterError:  # not this family's release, or not its files
             continue
-        installed[entry_key(family, sources)[0]] = family, sources
+        for variant in (family, family.with_every_feature()) if family.opt_in else (family,):
+            installed[entry_key(variant, sources)[0]] = variant, sources
     if args.action == "verify":
         return verify_caches(locations, installed, args.deep, console)
     if args.json:
         entries = [
-            {"family": family.name, "key": key, **{name: key in cache.keys() for name, cache in locations.items()}}
+            {"family": family.label, "key": key, **{name: key in cache.keys() for name, cache in locations.items()}}
             for key, (family, _) in installed.items()
         ]
         print(json.dumps(entries, indent=2))
@@ -157,7 +161,7 @@ def cache_command(args, console: Console) -> int:
     for column in ("location", "folder", "entries", "bytes", "families with an entry here"):
         table.add_column(column)
     for name, cache in locations.items():
-        hits = ", ".join(family.name for key, (family, _) in installed.items() if key in cache.keys()) or "none"
+        hits = ", ".join(family.label for key, (family, _) in installed.items() if key in cache.keys()) or "none"
         table.add_row(name, str(cache.root), str(len(cache.keys())), f"{cache.size():,}", hits)
     console.print(table)
     return 0
@@ -215,7 +219,7 @@ def releases_command(args, console: Console) -> int:
     rows = []
     for version in versions:
         wheel = fetch_wheel(version)
-        for family in (family for family in FAMILIES.values() if family.supports(version)):
+        for family in (family.with_every_feature() for family in FAMILIES.values() if family.supports(version)):
             rows += [(version, family.name, outcome) for outcome in build(family, wheel_sources(wheel, family.targets))[1]]
     drifted = any(outcome.status == "drift" for _, _, outcome in rows)
     if args.json:
@@ -268,16 +272,19 @@ def parser() -> argparse.ArgumentParser:
         choices=("forward", "layers"),
         help="generate with a static cache and compile each decode step: the whole forward, or each decoder layer",
     )
+    compile_.add_argument("--fused-loss", action="store_true", help=FUSED_LOSS)
     compile_.set_defaults(run=compile_command)
     diff = commands.add_parser("diff", help="print a unified diff of what the rules change (a cache entry's, if any)")
     diff.add_argument("family")
     diff.add_argument("--source-dir", help="a transformers package folder (an unzipped wheel) instead of the installed")
     diff.add_argument("--cache-dir", help="user cache folder (default: $REWRITER_CACHE_DIR or the user cache)")
+    diff.add_argument("--fused-loss", action="store_true", help=FUSED_LOSS)
     diff.set_defaults(run=diff_command)
     report = commands.add_parser("report", help="each rule's status on a transformers source tree, never imported")
     report.add_argument("family")
     report.add_argument("--source-dir", help="a transformers package folder (an unzipped wheel) instead of the installed")
     report.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    report.add_argument("--fused-loss", action="store_true", help=FUSED_LOSS)
     report.set_defaults(run=report_command)
     cache = commands.add_parser("cache", help="inspect, check or empty the caches")
     cache.add_argument("action", choices=("info", "verify", "clear"))

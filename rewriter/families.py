@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
@@ -22,6 +22,8 @@ class Family:
     ``"module:Class"`` names, so that reading a family never imports LibCST. One rule class serves every file that
     has its bug, in any family.
     ``requires`` names families whose fixes this one's rely on, or that its users meet anyway (``trainer``).
+    ``opt_in`` maps each feature a user may ask for (``compile(family, fused_loss=True)``) to the rules it adds after
+    a file's own; ``features`` names those this family includes (``with_features``).
     """
 
     name: str
@@ -29,6 +31,29 @@ class Family:
     files: dict[str, tuple[str, ...]]
     attention: tuple[str, str] | None = None  # the file and class of the text attention ``compile_attention`` compiles
     requires: tuple[str, ...] = ()  # families patched, when the program imports their module, with this one
+    opt_in: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    features: tuple[str, ...] = ()
+
+    def with_features(self, *features: str) -> Family:
+        """This family with the rules of ``features`` (names of ``opt_in``) added; ``ValueError`` for another."""
+        if unknown := sorted(set(features) - set(self.opt_in)):
+            offered = ", ".join(sorted(self.opt_in)) or "none"
+            raise ValueError(f"{self.name} has no feature {', '.join(unknown)} (its features: {offered})")
+        chosen = tuple(sorted(set(features)))
+        files = {
+            target: rules + tuple(rule for feature in chosen for rule in self.opt_in[feature].get(target, ()))
+            for target, rules in self.files.items()
+        }
+        return replace(self, files=files, features=chosen)
+
+    def with_every_feature(self) -> Family:
+        """This family with every rule it has, opt-in ones included."""
+        return self.with_features(*self.opt_in)
+
+    @property
+    def label(self) -> str:
+        """The name, and the features it includes: ``gemma4+fused-loss``."""
+        return "+".join((self.name, *self.features))
 
     def supports(self, version: str) -> bool:
         """Whether the rules know transformers ``version``: inside ``supported``."""
@@ -59,8 +84,8 @@ class Family:
         that runs and plans them, and what patched code imports."""
         rules = Path(importlib.util.find_spec("rewriter.rules").origin).parent
         engine = (
-            importlib.util.find_spec(name).origin
-            for name in ("rewriter.rule", "rewriter.engine", "rewriter.install", "rewriter.kv_sharing")
+            importlib.util.find_spec(f"rewriter.{name}").origin
+            for name in ("rule", "engine", "install", "kv_sharing", "fused_loss")
         )
         return (*sorted(rules.glob("*.py")), *map(Path, engine))
 
@@ -97,12 +122,21 @@ AUDIO_OUTPUTS_COLLISION = "rewriter.rules.audio_outputs_collision:AudioOutputsCo
 IMAGE_BIDIRECTIONAL_MASK = "rewriter.rules.image_bidirectional_mask:ImageBidirectionalMaskRule"
 SOFTCAP_SDPA = "rewriter.rules.softcap_sdpa:SoftcapSdpaRule"
 ACCUMULATION_DOUBLE_DIVISION = "rewriter.rules.accumulation_double_division:AccumulationDoubleDivisionRule"
+FUSED_LOSS = "rewriter.rules.fused_loss:FusedLossRule"
+
+
+def fused_loss(modeling: str) -> dict[str, dict[str, tuple[str, ...]]]:
+    """The opt-in fused loss of a family's LM heads, run after the fixes of their file (``modeling``)."""
+    return {"fused-loss": {modeling: (FUSED_LOSS,)}}
+
+
 FAMILIES = {
     "gemma2": Family(
         name="gemma2",
         supported=">=4.53,<6",
         files={"models/gemma2/modeling_gemma2.py": (SOFTCAP_SDPA,)},
         requires=("trainer",),
+        opt_in=fused_loss("models/gemma2/modeling_gemma2.py"),
     ),
     "gemma3": Family(
         name="gemma3",
@@ -119,6 +153,7 @@ FAMILIES = {
             "models/gemma3/processing_gemma3.py": (PROCESSOR_DOUBLE_BOS,),
         },
         requires=("trainer",),
+        opt_in=fused_loss("models/gemma3/modeling_gemma3.py"),
     ),
     "gemma3n": Family(
         name="gemma3n",
@@ -138,6 +173,7 @@ FAMILIES = {
             "models/gemma3n/processing_gemma3n.py": (PROCESSOR_DOUBLE_BOS,),
         },
         requires=("trainer",),
+        opt_in=fused_loss("models/gemma3n/modeling_gemma3n.py"),
     ),
     "gemma4": Family(
         name="gemma4",
@@ -168,6 +204,7 @@ FAMILIES = {
         },
         attention=("models/gemma4/modeling_gemma4.py", "Gemma4TextAttention"),
         requires=("trainer",),
+        opt_in=fused_loss("models/gemma4/modeling_gemma4.py"),
     ),
     # Not a model: Trainer's own bug, which every family's fine-tuning meets (gemma4's loss fix relies on it).
     "trainer": Family(
@@ -178,11 +215,13 @@ FAMILIES = {
 }
 
 
-def get_family(name: str) -> Family:
+def get_family(name: str, *, fused_loss: bool = False) -> Family:
+    """The family called ``name``, with its opt-in fused loss when asked; ``ValueError`` for an unknown one."""
     try:
-        return FAMILIES[name]
+        family = FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; known families: {', '.join(sorted(FAMILIES))}") from None
+    return family.with_features("fused-loss") if fused_loss else family
 
 
 def module_name(target: str) -> str:

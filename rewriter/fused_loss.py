@@ -1,6 +1,9 @@
 """A fused, chunked LM head and cross-entropy: the loss transformers' ``ForCausalLMLoss`` returns for
 ``lm_head(hidden_states)`` (soft-capped as Gemma caps it), without the [tokens, vocabulary] logits.
 
+``fused_linear_cross_entropy`` is the loss; ``causal_lm_loss`` and ``applies`` are what the opt-in fused-loss rule
+(``rewriter.compile(family, fused_loss=True)``) makes the models' forwards call.
+
 At Gemma's 262,144-token vocabulary the eager loss head keeps several float32 copies of the logits (2 GiB each at
 2,048 tokens); here only one chunk of rows is ever expanded to the vocabulary, in two buffers reused from chunk to
 chunk: on the CPU, writing into a fresh 256 MiB tensor costs about as much again in page faults as the matmul that
@@ -12,11 +15,96 @@ than these in-place eager operations (inductor computes ``tanh`` again in each k
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from torch import nn
+
+logger = logging.getLogger("rewriter")
+_warned: set[str] = set()
 
 # Rows expanded to the vocabulary at once: 256 x 262,144 float32 logits are 256 MiB a buffer. On the CPU, 128 to 512
 # rows took the same time within noise, 1,024 rows longer.
 DEFAULT_CHUNK_SIZE = 256
+
+
+def applies(model: nn.Module, labels: torch.Tensor | None, *, own_loss: bool = False) -> bool:
+    """Whether ``model``'s forward, patched by the fused-loss rule, computes its loss here instead of its logits:
+    labels given and gradients on (evaluation and generation keep the logits), its LM head called through nothing
+    but ``nn.Linear.forward`` (no hook, no wrapper, a floating-point weight, no bias) and, unless the forward
+    computes its ``own_loss``, its loss transformers' ``ForCausalLMLoss``. Otherwise the forward computes the
+    logits as upstream does, and this says why, once per reason."""
+    if labels is None or not torch.is_grad_enabled():
+        return False
+    why = _why_not_fused(model, own_loss)
+    if why is not None and why not in _warned:
+        _warned.add(why)
+        logger.warning("rewriter: fused loss off for %s (%s); computing the logits", type(model).__name__, why)
+    return why is None
+
+
+def _why_not_fused(model: nn.Module, own_loss: bool) -> str | None:
+    from torch.nn.modules import module as modules
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    head = model.lm_head
+    if type(head).forward is not nn.Linear.forward or "forward" in vars(head):
+        return f"its LM head is a {type(head).__name__} with its own forward (LoRA, quantized, device hooks)"
+    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks)
+    global_hooks = (modules._global_forward_hooks, modules._global_forward_pre_hooks, modules._global_backward_hooks)
+    if any(hooks) or any(global_hooks) or modules._global_backward_pre_hooks:
+        return "hooks would run on its LM head's call"
+    if head.bias is not None or type(head.weight) not in (torch.Tensor, nn.Parameter):
+        return f"its LM head's weight is a {type(head.weight).__name__}, or it has a bias"
+    if not head.weight.is_floating_point():
+        return f"its LM head's weight is {head.weight.dtype}"
+    if not own_loss and model.loss_function is not ForCausalLMLoss:
+        return f"its loss function is {getattr(model.loss_function, '__name__', model.loss_function)!r}"
+    return None
+
+
+def causal_lm_loss(
+    lm_head: nn.Linear,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None,
+    *,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """What ``ForCausalLMLoss(logits, labels, vocab_size, **kwargs)`` returns for the logits
+    ``lm_head(hidden_states)`` soft-capped at ``softcap``, without them: labels shifted left by one (unless
+    ``shift_labels`` are given), the sum over labelled positions divided by ``num_items_in_batch``, else their mean.
+    Other ``kwargs`` are the forward's, which that loss ignores too (``attention_mask`` included)."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return fused_linear_cross_entropy(
+        hidden_states,
+        lm_head.weight,
+        shift_labels,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def masked_mean_loss(
+    lm_head: nn.Linear,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The multimodal models' own loss (Gemma-3 4.53.0 to 5.16.1) of the logits ``lm_head(hidden_states)``
+    soft-capped at ``softcap``, without them: the mean cross-entropy over the shifted positions whose label token
+    ``attention_mask`` keeps (its last columns, as many as the labels: peft's prefix tuning makes it longer),
+    ``-100`` ignored; over every position without a mask."""
+    if attention_mask is not None:
+        kept = attention_mask[:, -labels.shape[1] :].to(labels.device) != 0
+        labels = labels.masked_fill(~kept, -100)
+    return causal_lm_loss(lm_head, hidden_states, labels, softcap)
 
 
 def fused_linear_cross_entropy(

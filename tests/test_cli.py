@@ -92,6 +92,26 @@ def test_compile_attention_flag_reports_the_attention(cache_dir):
     assert json.loads(out)["attention"] == "compiled"
 
 
+def test_fused_loss_flag_builds_its_entry_into_the_user_cache(cache_dir):
+    code, out, err = rewriter_cli("compile", "gemma3", "--fused-loss", "--json", cache_dir=cache_dir)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["origin"] == "compiled" and report["cache_path"].startswith(str(cache_dir))
+    assert [outcome for outcome in report["outcomes"] if outcome["rule"] == "fused-loss"] == [
+        {"rule": "fused-loss", "status": "applied", "sites": 2, "file": "models/gemma3/modeling_gemma3.py", "detail": ""}
+    ]
+    code, out, _ = rewriter_cli("compile", "gemma3", "--fused-loss", "--json", cache_dir=cache_dir)
+    assert code == 0 and json.loads(out)["origin"] == "user_cache"
+    code, out, _ = rewriter_cli("cache", "info", "--json", cache_dir=cache_dir)
+    entries = {entry["family"]: entry for entry in json.loads(out)}
+    assert entries["gemma3+fused-loss"]["user_cache"] and not entries["gemma3+fused-loss"]["shipped"]
+    assert entries["gemma3"]["shipped"] and not entries["gemma4+fused-loss"]["user_cache"]
+    code, out, _ = rewriter_cli("compile", "trainer", "--fused-loss", "--json", cache_dir=cache_dir)
+    assert code == 2 and json.loads(out) == {
+        "error": "trainer has no feature fused-loss (its features: none)", "kind": "usage", "exit_code": 2
+    }
+
+
 def test_cache_info_verify_and_clear(cache_dir):
     env = {"REWRITER_NO_SHIPPED": "1"}
     assert rewriter_cli("compile", "gemma4", cache_dir=cache_dir, env=env)[0] == 0
@@ -194,12 +214,13 @@ def test_verify_deep_finds_a_file_edited_with_its_hashes(cache_dir):
 @pytest.mark.parametrize("version, shipped", [("5.13.1", True), ("5.10.0", False)])
 def test_cache_info_names_each_family_entry_of_a_source_tree(version, shipped, cache_dir, tmp_path):
     """gemma4 ships an entry for 5.13.1, not for the yanked 5.10.0; the tree holds only gemma4's files, so only
-    gemma4 is named."""
+    gemma4 is named, with its opt-in fused loss (never shipped)."""
     source_dir = str(release_tree(version, "gemma4", tmp_path))
     code, out, err = rewriter_cli("cache", "info", "--source-dir", source_dir, "--json", cache_dir=cache_dir)
     assert code == 0, err
-    (entry,) = json.loads(out)
+    entry, fused = json.loads(out)
     assert (entry["family"], entry["shipped"], entry["user_cache"], len(entry["key"])) == ("gemma4", shipped, False, 64)
+    assert (fused["family"], fused["shipped"], fused["user_cache"]) == ("gemma4+fused-loss", False, False)
 
 
 def test_diff_prints_the_shipped_entry_of_a_release_as_stored(tmp_path, cache_dir):

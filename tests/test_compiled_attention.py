@@ -114,3 +114,13 @@ print(report.attention)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("eager (") and "C++ compiler" in result.stdout and "/nonexistent/g++" in result.stdout
     assert result.stderr.count("attention stays eager") == 1
+
+
+def test_compile_on_import_gives_compiled_attention_to_the_families_that_have_it(cache_dir):
+    """With no family named, the families without compiled attention are patched without it; named, they refuse."""
+    import transformers.models.gemma3.modeling_gemma3  # noqa: F401  (imported: compiled at once)
+
+    with pytest.raises(ValueError, match="gemma3 has no compiled attention"):
+        rewriter.compile_on_import("gemma3", compile_attention=True)
+    reports = rewriter.compile_on_import(cache_dir=cache_dir, compile_attention=True)
+    assert (reports["gemma4"].attention, reports["gemma3"].attention) == ("compiled", "eager")

@@ -20,7 +20,8 @@ import pytest
 
 from rewriter.build import entry_key
 from rewriter.cache import shipped_cache
-from rewriter.families import FAMILIES
+from rewriter.engine import rewrite
+from rewriter.families import FAMILIES, Family
 from rewriter.releases import fetch_wheel, wheel_sources
 from tests.conftest import release_check, release_tree, run_python
 
@@ -172,6 +173,24 @@ def test_every_release_has_a_shipped_entry_with_the_verdicts_of_the_bugs_tables(
         entry = shipped_cache().load(entry_key(FAMILIES[family], sources)[0], sources)
         assert entry is not None, f"transformers {version} has no shipped {family} entry"
         assert {outcome.rule: (outcome.status, outcome.sites) for outcome in entry.outcomes} == MATRIX[family][version]
+
+
+@pytest.mark.parametrize("family", [name for name, family in FAMILIES.items() if family.opt_in])
+def test_the_opt_in_fused_loss_routes_every_lm_head_of_every_release(family):
+    """No entry ships the opt-in fused loss: its rule runs here on each release's shipped entry, as it runs after the
+    family's fixes, and routes each LM-head model of the file (Gemma-2 has no multimodal one)."""
+    ((modeling, rules),) = FAMILIES[family].opt_in["fused-loss"].items()
+    alone = Family(family, FAMILIES[family].supported, {modeling: rules})
+    models = 1 if family == "gemma2" else 2
+    verdicts, by_text = {}, {}  # releases share texts: each is rewritten once
+    for version in FAMILIES[family].releases:
+        sources = wheel_sources(fetch_wheel(version), FAMILIES[family].targets)
+        text = shipped_cache().load(entry_key(FAMILIES[family], sources)[0], sources).texts[modeling]
+        if text not in by_text:
+            (outcome,) = rewrite(alone, {modeling: text})[1]
+            by_text[text] = (outcome.status, outcome.sites)
+        verdicts[version] = by_text[text]
+    assert verdicts == {version: (APPLIED, models) for version in FAMILIES[family].releases}
 
 
 def test_report_reads_a_source_tree_without_importing_it(tmp_path):

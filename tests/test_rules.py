@@ -16,7 +16,8 @@ from rewriter.families import FAMILIES, installed_transformers
 from rewriter.rules.kv_shared_slice import KVSharedSliceRule
 
 GOLDEN = Path(__file__).with_name("golden")
-RULES = tuple(dict.fromkeys(rule for family in FAMILIES.values() for _, rule in family.rules()))
+# every rule, opt-in ones included
+RULES = tuple(dict.fromkeys(rule for family in FAMILIES.values() for _, rule in family.with_every_feature().rules()))
 
 
 def apply(rule, code: str):
@@ -84,11 +85,13 @@ def test_guard_joined_by_or_does_not_count():
     assert apply(KVSharedSliceRule, code)[1].status == "applied"
 
 
-def diff_of_installed_release(family) -> str:
+def diff_of_installed_release(family, sources: dict[str, str] | None = None) -> str:
+    """What ``family``'s rules change in the installed transformers, or from ``sources`` to what they make of it."""
     _, package = installed_transformers(family)
-    sources = {target: (package / target).read_text() for target in family.targets}
-    patched, outcomes = rewrite(family, sources)
+    original = {target: (package / target).read_text() for target in family.targets}
+    patched, outcomes = rewrite(family, original)
     assert all(outcome.status != "drift" for outcome in outcomes)
+    sources = sources or original
     return "".join(
         line
         for target in family.targets
@@ -104,6 +107,19 @@ def test_golden_diff_of_transformers_5_5_0(family):
     """The exact change on the real files; regenerate with REWRITER_REGENERATE_GOLDEN=1 after a deliberate change."""
     golden = GOLDEN / f"{family.name}-5.5.0.diff"
     actual = diff_of_installed_release(family)
+    if os.environ.get("REWRITER_REGENERATE_GOLDEN"):
+        golden.write_text(actual)
+    assert actual == golden.read_text()
+
+
+@pytest.mark.skipif(version("transformers") != "5.5.0", reason="the golden diffs are of transformers 5.5.0")
+@pytest.mark.parametrize("family", [family for family in FAMILIES.values() if family.opt_in], ids=lambda f: f.name)
+def test_golden_diff_of_the_fused_loss_on_transformers_5_5_0(family):
+    """What ``fused_loss=True`` adds to the family's fixes."""
+    golden = GOLDEN / f"{family.name}-fused-loss-5.5.0.diff"
+    _, package = installed_transformers(family)
+    fixed, _ = rewrite(family, {target: (package / target).read_text() for target in family.targets})
+    actual = diff_of_installed_release(family.with_features("fused-loss"), fixed)
     if os.environ.get("REWRITER_REGENERATE_GOLDEN"):
         golden.write_text(actual)
     assert actual == golden.read_text()
