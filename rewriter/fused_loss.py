@@ -1,8 +1,8 @@
 """A fused, chunked LM head and cross-entropy: the loss transformers' ``ForCausalLMLoss`` returns for
 ``lm_head(hidden_states)`` (soft-capped as Gemma caps it), without the [tokens, vocabulary] logits.
 
-``fused_linear_cross_entropy`` is the loss; ``causal_lm_loss`` and ``applies`` are what the opt-in fused-loss rule
-(``rewriter.compile(family, fused_loss=True)``) makes the models' forwards call.
+``fused_linear_cross_entropy`` is the loss; ``applies``, ``causal_lm_loss`` and ``masked_mean_loss`` are what the
+opt-in fused-loss rule (``rewriter.compile(family, fused_loss=True)``) makes the models' forwards call.
 
 At Gemma's 262,144-token vocabulary the eager loss head keeps several float32 copies of the logits (2 GiB each at
 2,048 tokens); here only one chunk of rows is ever expanded to the vocabulary, in two buffers reused from chunk to

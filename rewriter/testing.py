@@ -168,6 +168,14 @@ def gemma3n_text_config(num_kv_shared_layers: int = 2, **overrides):
     return Gemma3nTextConfig(**{**settings, **overrides})
 
 
+def gemma3n_config(**text_overrides):
+    """A Gemma-3n multimodal config: ``gemma3n_text_config(**text_overrides)`` and small vision and audio embedders."""
+    from transformers import Gemma3nConfig
+
+    towers = {"vision_config": {"hidden_size": 64}, "audio_config": {"hidden_size": 64}}
+    return Gemma3nConfig(text_config=gemma3n_text_config(**text_overrides).to_dict(), **towers)
+
+
 def text_model(family: str, seed: int = 0):
     """A tiny causal language model of ``family`` (``gemma3``, ``gemma3n`` or ``gemma4``), in eval mode."""
     import transformers

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -15,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 import rewriter
 from rewriter.families import FAMILIES, installed_transformers
@@ -83,15 +82,6 @@ def hash_seeds_by_order(count: int) -> dict[tuple[str, ...], list[int]]:
     return groups
 
 
-@contextlib.contextmanager
-def exclusive(lock: Path):
-    """Hold an exclusive lock on the file ``lock`` (the suite's pytest-xdist workers share some set-up)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def session_folder(tmp_path_factory, name: str) -> Path:
     """A folder of this test session that every pytest-xdist worker sees: the parent of the workers' base folders."""
     base = tmp_path_factory.getbasetemp()
@@ -101,7 +91,7 @@ def session_folder(tmp_path_factory, name: str) -> Path:
 def build_wheel(folder: Path) -> tuple[Path, str]:
     """rewriter's wheel, built into ``folder``, and what the build printed. ``build/`` goes first: setuptools reuses
     it, and it keeps files since removed from the tree (cache entries of an older prebuild). One build at a time."""
-    with exclusive(ROOT / "build.lock"):
+    with FileLock(ROOT / "build.lock"):
         shutil.rmtree(ROOT / "build", ignore_errors=True)
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", folder, ROOT]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -112,7 +102,7 @@ def build_wheel(folder: Path) -> tuple[Path, str]:
 def rewriter_wheel(tmp_path_factory) -> Path:
     """rewriter's wheel, built once a session."""
     folder = session_folder(tmp_path_factory, "wheel")
-    with exclusive(folder.with_name("wheel.lock")):
+    with FileLock(folder.with_name("wheel.lock")):
         return next(folder.glob("rewriter-*.whl"), None) or build_wheel(folder)[0]
 
 
@@ -123,7 +113,7 @@ def release_env(tmp_path_factory, rewriter_wheel):
 
     def python(version: str) -> Path:
         folder = session_folder(tmp_path_factory, f"venv-{version}")
-        with exclusive(folder.with_name(f"venv-{version}.lock")):
+        with FileLock(folder.with_name(f"venv-{version}.lock")):
             if not (folder / "made").exists():
                 release_python(version, folder, rewriter_wheel)
                 (folder / "made").touch()

@@ -26,23 +26,13 @@ from rewriter import testing
 ROWS = testing.input_ids(batch=4, length=12).tolist()
 
 
-def gemma3n_config():
-    """A Gemma-3n multimodal config: the text model of ``testing.gemma3n_text_config`` without KV sharing (so that
-    kv-sharing-without-cache does not change the logits), and small vision and audio embedders."""
-    from transformers import Gemma3nConfig
-
-    return Gemma3nConfig(
-        text_config=testing.gemma3n_text_config(num_kv_shared_layers=0).to_dict(),
-        vision_config={"hidden_size": 64},
-        audio_config={"hidden_size": 64},
-    )
-
-
 def seeded_model(family: str):
     import transformers
 
     if family == "gemma3n":  # text-only training calls neither tower
-        model = testing.gemma3n_multimodal(gemma3n_config(), "gemma3n_vision", "gemma3n_audio")
+        # without KV sharing, so that kv-sharing-without-cache does not change the logits
+        config = testing.gemma3n_config(num_kv_shared_layers=0)
+        model = testing.gemma3n_multimodal(config, "gemma3n_vision", "gemma3n_audio")
     else:
         model = transformers.Gemma3ForConditionalGeneration(testing.gemma3_vision_config())
     return testing.seeded_in_name_order(model)

@@ -25,12 +25,6 @@ LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-4, 1e-6  # the issue's bounds (float3
 SFT_LOGS = ("loss", "mean_token_accuracy", "entropy")
 
 
-def gemma3n_multimodal():
-    towers = {"vision_config": {"hidden_size": 64}, "audio_config": {"hidden_size": 64}}
-    config = transformers.Gemma3nConfig(text_config=testing.gemma3n_text_config().to_dict(), **towers)
-    return testing.gemma3n_multimodal(config, "gemma3n_vision", "gemma3n_audio")
-
-
 # (family, how to build the model, extra inputs): every class the rule routes, tiny, with a 256-token vocabulary
 MODELS = {
     "Gemma2ForCausalLM": ("gemma2", lambda: testing.gemma2_model("eager"), {}),
@@ -42,7 +36,11 @@ MODELS = {
         {"attention_mask": torch.tensor([[1] * 12, [0] * 3 + [1] * 9]), "token_type_ids": torch.zeros(2, 12).long()},
     ),
     "Gemma3nForCausalLM": ("gemma3n", lambda: testing.text_model("gemma3n"), {}),
-    "Gemma3nForConditionalGeneration": ("gemma3n", gemma3n_multimodal, {}),
+    "Gemma3nForConditionalGeneration": (
+        "gemma3n",
+        lambda: testing.gemma3n_multimodal(testing.gemma3n_config(), "gemma3n_vision", "gemma3n_audio"),
+        {},
+    ),
     "Gemma4ForCausalLM": ("gemma4", lambda: testing.text_model("gemma4"), {}),
     "Gemma4ForConditionalGeneration": (
         "gemma4",
@@ -156,21 +154,31 @@ def test_trainer_step_with_gradient_accumulation_equals_eager(cache, fused_calls
             torch.testing.assert_close(after[name], parameter, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
+def with_lora(model, target_modules: list[str]):
+    """``model`` with LoRA adapters (non-zero from the start, so that they get gradients) on ``target_modules``."""
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules, init_lora_weights=False)
+    return get_peft_model(model, lora).train()
+
+
 def lora_model(target_modules: list[str], checkpointing: bool = False):
-    model = testing.seeded(testing.text_model("gemma4")).train()
+    model = testing.seeded(testing.text_model("gemma4"))
     if checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules, init_lora_weights=False)
-    return get_peft_model(model, lora)
+    return with_lora(model, target_modules)
+
+
+def eager_then_fused(model, cache) -> tuple[tuple, tuple]:
+    """``train_forward`` of a Gemma-4 ``model`` on ``batch({})`` with the family's fixes, then with the fused loss."""
+    rewriter.compile("gemma4", cache_dir=cache, strict=True)
+    eager = train_forward(model, batch({}))
+    rewriter.compile("gemma4", cache_dir=cache, strict=True, fused_loss=True)
+    return eager, train_forward(model, batch({}))
 
 
 def test_lora_with_gradient_checkpointing_and_a_frozen_head(cache):
-    rewriter.compile("gemma4", cache_dir=cache, strict=True)
     model = lora_model(["q_proj", "v_proj"], checkpointing=True)
-    eager = train_forward(model, batch({}))
-    rewriter.compile("gemma4", cache_dir=cache, strict=True, fused_loss=True)
-    fused = train_forward(model, batch({}))
+    eager, fused = eager_then_fused(model, cache)
     assert fused[0].logits is None
     assert fused[1] and all("lora_" in name for name in fused[1])
     assert_same_training(eager, fused)
@@ -178,13 +186,10 @@ def test_lora_with_gradient_checkpointing_and_a_frozen_head(cache):
 
 def test_an_lm_head_that_is_not_a_plain_linear_keeps_the_logits_and_says_so(cache, caplog, monkeypatch):
     """LoRA on the LM head: its weight alone is not the head, so the forward computes the logits, with one warning."""
-    rewriter.compile("gemma4", cache_dir=cache, strict=True)
     model = lora_model(["q_proj", "lm_head"])
-    eager = train_forward(model, batch({}))
-    rewriter.compile("gemma4", cache_dir=cache, strict=True, fused_loss=True)
     monkeypatch.setattr(fused_loss, "_warned", set())  # once per reason and process
     with caplog.at_level(logging.WARNING, logger="rewriter"):
-        kept = train_forward(model, batch({}))
+        eager, kept = eager_then_fused(model, cache)
         train_forward(model, batch({}))
     assert kept[0].logits is not None
     assert_same_training(eager, kept)
@@ -199,12 +204,7 @@ def test_lora_on_a_4bit_model(cache, tmp_path):
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     model = transformers.Gemma4ForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(model, lora).train()
-    rewriter.compile("gemma4", cache_dir=cache, strict=True)
-    eager = train_forward(model, batch({}))
-    rewriter.compile("gemma4", cache_dir=cache, strict=True, fused_loss=True)
-    fused = train_forward(model, batch({}))
+    eager, fused = eager_then_fused(with_lora(model, ["q_proj", "v_proj"]), cache)
     assert fused[0].logits is None
     assert_same_training(eager, fused)
 
