@@ -189,11 +189,12 @@ def text_model(family: str, seed: int = 0):
 AUDIO_FEATURES, AUDIO_FRAMES = 16, 80  # the tiny audio tower's input width; 80 frames are 20 audio tokens
 
 
-def audio_config():
-    """A two-layer Gemma-4 audio tower with the real checkpoints' chunking (chunks of 12 frames, 13 of left context)."""
+def audio_config(**overrides):
+    """A two-layer Gemma-4 audio tower with the real checkpoints' chunking (chunks of 12 frames, 13 of left
+    context), but for ``overrides``."""
     from transformers import Gemma4AudioConfig
 
-    return Gemma4AudioConfig(
+    settings = dict(
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -201,6 +202,7 @@ def audio_config():
         conv_kernel_size=3,
         output_proj_dims=48,
     )
+    return Gemma4AudioConfig(**{**settings, **overrides})
 
 
 def seeded(model):

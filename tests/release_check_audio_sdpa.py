@@ -33,20 +33,10 @@ FRAMES = 40
 def config():
     """``testing.vision_config()`` with a two-layer audio tower (chunks of 4 frames, 5 frames of left context):
     a fresh config each time, since building a model with an ``attn_implementation`` writes it into the config."""
-    from transformers import Gemma4AudioConfig, Gemma4Config
+    from transformers import Gemma4Config
 
     vision = testing.vision_config()
-    audio = Gemma4AudioConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        subsampling_conv_channels=[16, 8],
-        conv_kernel_size=3,
-        attention_chunk_size=4,
-        attention_context_left=5,
-        attention_context_right=0,
-        output_proj_dims=48,
-    )
+    audio = testing.audio_config(attention_chunk_size=4, attention_context_left=5, attention_context_right=0)
     return Gemma4Config(
         **testing.SPECIAL_TOKENS, text_config=vision.text_config, vision_config=vision.vision_config, audio_config=audio
     )
